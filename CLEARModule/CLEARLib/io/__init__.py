@@ -1,0 +1,67 @@
+"""CT input: DICOM folders and multi-frame files, NIfTI, NRRD and MHA/MHD, into a canonical `CTVolume`."""
+
+from __future__ import annotations
+
+import os
+from os import PathLike
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from ..errors import CLEARInputError
+from .dicom import read_dicom
+from .volume import AXIAL_TOLERANCE_DEG, CTVolume
+
+__all__ = ["AXIAL_TOLERANCE_DEG", "CTVolume", "read_ct", "write_volume", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Formats written as one file, so that one rename publishes the whole volume.
+SINGLE_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def read_ct(
+    path: str | PathLike,
+    series_uid: str | None = None,
+    allow_non_ct: bool = False,
+    resample_oblique: bool = False,
+) -> CTVolume:
+    """Read a CT from a DICOM folder, a multi-frame DICOM file, or a NIfTI/NRRD/MHA/MHD file.
+
+    DICOM folders may hold several series: `series_uid` picks one, otherwise the CT series with the
+    most images is read and the choice is logged and kept in `volume.meta["series_choice"]`.
+    Bad input raises `CLEARInputError` naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CLEARInputError("no such file or folder", path)
+    if path.is_dir() or not _is_image_file(path):
+        return read_dicom(path, series_uid=series_uid, allow_non_ct=allow_non_ct, resample_oblique=resample_oblique)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise CLEARInputError(f"cannot read image file: {first_line}", path) from exc
+    meta = {"format": path.name.lower().rsplit(".", 2 if path.name.lower().endswith(".gz") else 1)[-1]}
+    return CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
+
+
+def write_volume(volume: CTVolume, path: str | PathLike) -> Path:
+    """Write a volume as NRRD/NIfTI/MHA (by extension), atomically: temporary file, then rename."""
+    path = Path(path)
+    if not path.name.lower().endswith(SINGLE_FILE_SUFFIXES):
+        raise CLEARInputError(f"unsupported output extension; use one of {', '.join(SINGLE_FILE_SUFFIXES)}", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same extension at the end so that SimpleITK picks the format; hidden so globs skip it.
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    image = sitk.GetImageFromArray(volume.hu)
+    volume._set_sitk_geometry(image)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,336 @@
+"""CT input: every format and layout reads back to the same canonical volume; bad input is named."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from CLEARLib.errors import CLEARInputError
+from CLEARLib.io import CTVolume, read_ct, write_volume
+
+from ctfactory import layout_of, relayout, write_dicom_series, write_enhanced_ct, write_image
+
+
+def assert_same_volume(read: CTVolume, expected: CTVolume, atol_mm=1e-4):
+    assert read.shape == expected.shape
+    np.testing.assert_array_equal(read.hu, expected.hu)
+    np.testing.assert_allclose(read.spacing, expected.spacing, atol=atol_mm)
+    np.testing.assert_allclose(read.origin, expected.origin, atol=atol_mm)
+    np.testing.assert_allclose(read.direction, expected.direction, atol=1e-6)
+
+
+LAYOUTS = [
+    ((0, 1, 2), (False, False, False)),  # plain axial, head-first
+    ((0, 1, 2), (False, False, True)),  # slices stored superior to inferior
+    ((0, 1, 2), (True, True, False)),  # rows/columns reversed
+    ((0, 1, 2), (True, False, True)),
+    ((1, 0, 2), (False, False, False)),  # rows and columns swapped
+    ((1, 2, 0), (False, True, False)),  # sagittal stack: slice normal along L
+    ((0, 2, 1), (False, False, True)),  # coronal stack: slice normal along P
+]
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+@pytest.mark.parametrize("perm,flip", LAYOUTS)
+def test_image_files_read_to_the_canonical_volume(tmp_path, phantom, suffix, perm, flip):
+    volume, _ = phantom
+    path = write_image(relayout(volume, perm, flip), tmp_path / f"ct{suffix}")
+    read = read_ct(path)
+    assert_same_volume(read, volume)
+    assert read.hu.dtype == np.int16
+    assert read.meta["source"] == str(path)
+    assert ("reoriented" in read.meta) == (perm != (0, 1, 2) or any(flip))
+
+
+@pytest.mark.parametrize("perm,flip", LAYOUTS)
+def test_dicom_series_with_shuffled_names_and_numbers(tmp_path, phantom, perm, flip):
+    volume, _ = phantom
+    write_dicom_series(relayout(volume, perm, flip), tmp_path / "series", shuffle_seed=7)
+    read = read_ct(tmp_path / "series")
+    assert_same_volume(read, volume)
+    assert read.meta["modality"] == "CT"
+
+
+def test_dicom_order_comes_from_positions_not_instance_numbers(tmp_path, phantom):
+    volume, _ = phantom
+    paths = write_dicom_series(layout_of(volume), tmp_path / "s", shuffle_seed=3)
+    numbers = [pydicom.dcmread(p).InstanceNumber for p in paths]
+    assert numbers != sorted(numbers), "the test needs InstanceNumbers out of position order"
+    assert_same_volume(read_ct(tmp_path / "s"), volume)
+
+
+def test_rescale_slope_and_intercept_are_applied(tmp_path, phantom):
+    volume, _ = phantom
+    write_dicom_series(layout_of(volume), tmp_path / "s", slope=0.5, intercept=-2048.0)
+    read = read_ct(tmp_path / "s")
+    assert read.hu.dtype == np.float32  # a fractional slope makes non-integer HU possible
+    np.testing.assert_array_equal(read.hu, volume.hu.astype(np.float32))
+
+
+def test_integer_rescale_keeps_int16(tmp_path, phantom):
+    volume, _ = phantom
+    write_dicom_series(layout_of(volume), tmp_path / "s", slope=2.0, intercept=-1024.0)
+    read = read_ct(tmp_path / "s")
+    assert read.hu.dtype == np.int16
+    # Stored values are rounded to multiples of the slope.
+    assert np.abs(read.hu.astype(int) - volume.hu).max() <= 1
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless], ids=["jpeg2000", "rle"])
+def test_compressed_transfer_syntaxes(tmp_path, phantom, syntax):
+    volume, _ = phantom
+    paths = write_dicom_series(layout_of(volume), tmp_path / "s", transfer_syntax=syntax)
+    assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == syntax
+    assert_same_volume(read_ct(tmp_path / "s"), volume)
+
+
+def test_enhanced_multiframe_file(tmp_path, phantom):
+    volume, _ = phantom
+    order = list(np.random.default_rng(0).permutation(volume.shape[0]))
+    path = write_enhanced_ct(relayout(volume, (0, 1, 2), (False, True, True)), tmp_path / "mf.dcm", frame_order=order)
+    read = read_ct(path)
+    assert_same_volume(read, volume)
+    assert read.meta["n_files"] == 1
+
+
+def test_several_series_default_is_largest_ct_and_choice_is_reported(tmp_path, phantom, caplog):
+    volume, _ = phantom
+    small = CTVolume(volume.hu[:10].copy(), volume.spacing, volume.origin, volume.direction)
+    big = CTVolume(np.concatenate([volume.hu, volume.hu[:6]]), volume.spacing, volume.origin, volume.direction)
+    folder = tmp_path / "study"
+    write_dicom_series(layout_of(volume), folder / "a", series_uid="1.2.3.1", description="main")
+    write_dicom_series(layout_of(small), folder / "b", series_uid="1.2.3.2", description="small")
+    write_dicom_series(layout_of(big), folder / "c", series_uid="1.2.3.3", modality="MR", description="mr")
+    read = read_ct(folder)
+    assert read.meta["series_instance_uid"] == "1.2.3.1"
+    assert "most images" in read.meta["series_choice"] and "1.2.3.2" in read.meta["series_choice"]
+    assert any("1.2.3.1" in r.getMessage() for r in caplog.records)
+    chosen = read_ct(folder, series_uid="1.2.3.2")
+    assert chosen.shape[0] == 10
+    with pytest.raises(CLEARInputError, match="modality MR"):
+        read_ct(folder, series_uid="1.2.3.3")
+    assert read_ct(folder, series_uid="1.2.3.3", allow_non_ct=True).shape[0] == volume.shape[0] + 6
+    with pytest.raises(CLEARInputError, match="9.9.9 is not in this folder.*1.2.3.1"):
+        read_ct(folder, series_uid="9.9.9")
+
+
+def test_localizer_images_are_ignored(tmp_path, phantom):
+    volume, _ = phantom
+    uid = "1.2.3.4"
+    write_dicom_series(layout_of(volume), tmp_path / "s", series_uid=uid)
+    scout = relayout(volume, (0, 2, 1))  # a coronal image in the same series
+    path = write_dicom_series(scout, tmp_path / "scout", series_uid=uid, skip=tuple(range(1, 48)))[0]
+    ds = pydicom.dcmread(path)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(tmp_path / "s" / "scout.dcm")
+    assert_same_volume(read_ct(tmp_path / "s"), volume)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_missing_slice_is_reported(tmp_path, phantom):
+    volume, _ = phantom
+    write_dicom_series(layout_of(volume), tmp_path / "s", skip=(11,), shuffle_seed=None)
+    with pytest.raises(CLEARInputError, match=r"1 missing slice\(s\) between slice0010.dcm and slice0012.dcm"):
+        read_ct(tmp_path / "s")
+
+
+def test_non_uniform_spacing_is_reported(tmp_path, phantom):
+    volume, _ = phantom
+    offsets = {k: np.array([0, 0, 1.7]) for k in range(15, volume.shape[0])}
+    write_dicom_series(layout_of(volume), tmp_path / "s", position_offsets=offsets, shuffle_seed=None)
+    with pytest.raises(CLEARInputError, match="non-uniform slice spacing: 6.700 mm between slice0014.dcm"):
+        read_ct(tmp_path / "s")
+
+
+def test_duplicate_positions_are_reported(tmp_path, phantom):
+    volume, _ = phantom
+    write_dicom_series(layout_of(volume), tmp_path / "s", position_offsets={5: np.array([0, 0, -5.0])})
+    with pytest.raises(CLEARInputError, match="two slices at the same position"):
+        read_ct(tmp_path / "s")
+
+
+def test_gantry_tilt_is_reported(tmp_path, phantom):
+    volume, _ = phantom
+    # Each slice shifted posteriorly by its distance along z times tan(12 degrees).
+    shift = np.tan(np.radians(12.0)) * volume.spacing[2]
+    offsets = {k: np.array([0.0, shift * k, 0.0]) for k in range(volume.shape[0])}
+    write_dicom_series(layout_of(volume), tmp_path / "s", position_offsets=offsets)
+    with pytest.raises(CLEARInputError, match=r"gantry tilt of 12.00 degrees"):
+        read_ct(tmp_path / "s")
+
+
+def test_mixed_image_sizes_are_reported(tmp_path, phantom):
+    volume, _ = phantom
+    uid = "1.2.3.9"
+    write_dicom_series(layout_of(volume), tmp_path / "s", series_uid=uid, skip=(0,), shuffle_seed=None)
+    cropped = CTVolume(volume.hu[:1, :20].copy(), volume.spacing, volume.origin, volume.direction)
+    write_dicom_series(layout_of(cropped), tmp_path / "odd", series_uid=uid, shuffle_seed=None)
+    (tmp_path / "odd" / "slice0000.dcm").rename(tmp_path / "s" / "odd.dcm")
+    with pytest.raises(CLEARInputError, match=r"mixed image sizes in one series: .*20x48 in odd.dcm"):
+        read_ct(tmp_path / "s")
+
+
+def test_non_ct_modality_is_refused_unless_allowed(tmp_path, phantom):
+    volume, _ = phantom
+    write_dicom_series(layout_of(volume), tmp_path / "s", modality="MR")
+    with pytest.raises(CLEARInputError, match="no CT series here.*MR") as info:
+        read_ct(tmp_path / "s")
+    assert isinstance(info.value, ValueError) and str(tmp_path / "s") in str(info.value)
+    assert read_ct(tmp_path / "s", allow_non_ct=True).meta["modality"] == "MR"
+
+
+def test_single_slice_and_empty_inputs(tmp_path, phantom):
+    volume, _ = phantom
+    paths = write_dicom_series(layout_of(volume), tmp_path / "s", shuffle_seed=None)
+    with pytest.raises(CLEARInputError, match="single-frame DICOM file holds one slice"):
+        read_ct(paths[0])
+    one = tmp_path / "one"
+    one.mkdir()
+    paths[0].rename(one / paths[0].name)
+    with pytest.raises(CLEARInputError, match="at least 2 slices"):
+        read_ct(one)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not dicom")
+    with pytest.raises(CLEARInputError, match="no DICOM images found"):
+        read_ct(empty)
+    with pytest.raises(CLEARInputError, match="no such file"):
+        read_ct(tmp_path / "missing.nrrd")
+
+
+def test_corrupt_image_file_names_the_file(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b this is not a nifti file")
+    with pytest.raises(CLEARInputError, match="cannot read image file") as info:
+        read_ct(bad)
+    assert "broken.nii.gz" in str(info.value)
+
+
+def test_undecodable_pixel_data_names_the_file(tmp_path, phantom):
+    volume, _ = phantom
+    paths = write_dicom_series(layout_of(volume), tmp_path / "s", shuffle_seed=None)
+    ds = pydicom.dcmread(paths[3])
+    ds.PixelData = ds.PixelData[:100]  # truncated
+    ds.save_as(paths[3])
+    with pytest.raises(CLEARInputError, match="slice0003.dcm: cannot decode pixel data"):
+        read_ct(tmp_path / "s")
+
+
+def _rotation(axis, degrees):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def test_oblique_volume_is_rejected_or_resampled(tmp_path, big_lesion_phantom):
+    volume, lesion = big_lesion_phantom
+    rotation = _rotation(0, 15.0)  # tilted about the L axis
+    layout = layout_of(volume)
+    # Same array, rotated about the lesion centre: the lesion stays where it was in LPS.
+    centre = np.asarray(lesion.center_lps)
+    layout.origin = centre + rotation @ (volume.origin - centre)
+    layout.direction = rotation @ volume.direction
+    path = write_image(layout, tmp_path / "oblique.nrrd")
+    with pytest.raises(CLEARInputError, match=r"oblique acquisition: an image axis is 15.0 degrees"):
+        read_ct(path)
+    read = read_ct(path, resample_oblique=True)
+    np.testing.assert_allclose(read.direction, np.eye(3))
+    assert read.meta["resampled_from_oblique_deg"] == pytest.approx(15.0, abs=1e-3)
+    zyx = np.rint(read.lps_to_index(centre)).astype(int)
+    assert read.hu[tuple(zyx)] == pytest.approx(lesion.hu, abs=1)
+
+
+def test_small_tilt_is_kept_exactly(tmp_path, phantom):
+    volume, _ = phantom
+    layout = layout_of(volume)
+    layout.direction = _rotation(2, 0.4) @ volume.direction
+    read = read_ct(write_image(layout, tmp_path / "tilt.nrrd"))
+    np.testing.assert_allclose(read.direction, layout.direction, atol=1e-9)
+    np.testing.assert_array_equal(read.hu, volume.hu)
+
+
+def test_non_volume_images_are_refused(tmp_path):
+    import SimpleITK as sitk
+
+    flat = tmp_path / "flat.nrrd"
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(flat))
+    with pytest.raises(CLEARInputError, match="expected a 3D scalar image"):
+        read_ct(flat)
+
+
+# ------------------------------------------------------------------------------------ geometry
+def test_point_conversions_round_trip(phantom):
+    volume, _ = phantom
+    tilted = CTVolume.from_array(volume.hu, volume.spacing, (10.0, -20.0, 30.0), _rotation(2, 0.7))
+    rng = np.random.default_rng(0)
+    zyx = rng.uniform(-2, 40, size=(50, 3))
+    np.testing.assert_allclose(tilted.lps_to_index(tilted.index_to_lps(zyx)), zyx, atol=1e-9)
+    ras = tilted.index_to_ras(zyx)
+    np.testing.assert_allclose(ras[:, :2], -tilted.index_to_lps(zyx)[:, :2])
+    np.testing.assert_allclose(tilted.ras_to_index(ras), zyx, atol=1e-9)
+    one = tilted.index_to_lps([1.5, 2.0, 3.0])
+    assert one.shape == (3,)
+    # index (z, y, x) = (0, 0, 1) moves by spacing_x along the first direction column
+    np.testing.assert_allclose(
+        tilted.index_to_lps([0, 0, 1]) - tilted.index_to_lps([0, 0, 0]),
+        tilted.direction[:, 0] * volume.spacing[0],
+    )
+    homogeneous = tilted.ijk_to_ras_matrix @ np.r_[zyx[0][::-1], 1.0]
+    np.testing.assert_allclose(homogeneous[:3], ras[0])
+
+
+@pytest.mark.parametrize("perm,flip", LAYOUTS[:4])
+def test_lesion_centre_maps_to_lesion_voxels_after_reading(tmp_path, big_lesion_phantom, perm, flip):
+    volume, lesion = big_lesion_phantom
+    write_dicom_series(relayout(volume, perm, flip), tmp_path / "s")
+    read = read_ct(tmp_path / "s")
+    mask = read.hu == lesion.hu
+    centroid_zyx = np.argwhere(mask).mean(axis=0)
+    # Sub-voxel: the centroid of the lesion voxels sits on the lesion's LPS centre.
+    error_mm = np.abs(read.index_to_lps(centroid_zyx) - np.asarray(lesion.center_lps))
+    assert np.all(error_mm < 0.5 * np.asarray(read.spacing)), error_mm
+    assert read.hu[tuple(np.rint(read.lps_to_index(lesion.center_lps)).astype(int))] == lesion.hu
+
+
+def test_slice_positions_increase_superiorly(tmp_path, phantom):
+    volume, _ = phantom
+    write_dicom_series(relayout(volume, (0, 1, 2), (False, False, True)), tmp_path / "s")
+    z = read_ct(tmp_path / "s").slice_positions_mm
+    np.testing.assert_allclose(np.diff(z), volume.spacing[2])
+    assert z[0] == pytest.approx(volume.origin[2])
+
+
+def test_write_volume_is_atomic_and_round_trips(tmp_path, phantom):
+    volume, _ = phantom
+    path = write_volume(volume, tmp_path / "out" / "ct.nrrd")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ct.nrrd"]
+    assert_same_volume(read_ct(path), volume)
+    with pytest.raises(CLEARInputError, match="unsupported output extension"):
+        write_volume(volume, tmp_path / "ct.mhd")
+
+
+def test_from_array_rejects_bad_geometry():
+    hu = np.zeros((4, 5, 6), np.int16)
+    with pytest.raises(CLEARInputError, match="spacing must be positive"):
+        CTVolume.from_array(hu, (1, 0, 1), (0, 0, 0))
+    with pytest.raises(CLEARInputError, match="not orthonormal"):
+        CTVolume.from_array(hu, (1, 1, 1), (0, 0, 0), np.diag([1.0, 2.0, 1.0]))
+    with pytest.raises(CLEARInputError, match="expected a 3D volume"):
+        CTVolume.from_array(hu[0], (1, 1, 1), (0, 0, 0))
+
+
+@pytest.mark.parametrize(
+    "perm,flip",
+    list(itertools.product(itertools.permutations(range(3)), itertools.product([False, True], repeat=3))),
+)
+def test_from_array_canonicalizes_every_axis_aligned_layout(phantom, perm, flip):
+    volume, _ = phantom
+    layout = relayout(volume, perm, flip)
+    read = CTVolume.from_array(layout.array, layout.spacing, layout.origin, layout.direction)
+    assert_same_volume(read, volume)
