@@ -26,9 +26,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     # Seeds at least 30 mm from every border, so that no patch reaches outside the image.
     margin = np.ceil(30.0 / np.array(volume.spacing[::-1])).astype(int)
-    seeds = [
-        volume.index_to_lps(rng.uniform(margin, np.array(volume.shape) - 1 - margin)) for _ in range(args.seeds)
-    ]
+    seeds = [volume.index_to_lps(rng.uniform(margin, np.array(volume.shape) - 1 - margin)) for _ in range(args.seeds)]
     seeds[0] = np.asarray(lesions[0].center_lps)
 
     extract_lesion_patch(volume, seeds[0])  # warm-up

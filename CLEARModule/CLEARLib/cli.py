@@ -43,7 +43,7 @@ def _format_info(info: dict) -> str:
         f"p99 {hu['p99']:.0f}  max {hu['max']:.0f}  mean {hu['mean']:.1f}  std {hu['std']:.1f}  "
         f"air {100 * hu['air_fraction']:.1f}%",
     ]
-    lines += [f"{k:<15}{v}" for k, v in info["meta"].items()]
+    lines += [f"{k:<20} {v}" for k, v in info["meta"].items()]
     return "\n".join(lines)
 
 

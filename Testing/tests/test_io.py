@@ -334,3 +334,16 @@ def test_from_array_canonicalizes_every_axis_aligned_layout(phantom, perm, flip)
     layout = relayout(volume, perm, flip)
     read = CTVolume.from_array(layout.array, layout.spacing, layout.origin, layout.direction)
     assert_same_volume(read, volume)
+
+
+@pytest.mark.parametrize("perm,flip", [((0, 1, 2), (False, False, True)), ((0, 1, 2), (True, True, False))])
+def test_dicom_reader_agrees_with_gdcm_series_reader(tmp_path, phantom, perm, flip):
+    """An independent oracle: SimpleITK's GDCM-based series reader on the same files."""
+    import SimpleITK as sitk
+
+    volume, _ = phantom
+    write_dicom_series(relayout(volume, perm, flip), tmp_path / "s")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
+    gdcm = CTVolume.from_sitk(reader.Execute())
+    assert_same_volume(read_ct(tmp_path / "s"), gdcm)

@@ -45,7 +45,7 @@ def read_ct(
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise CLEARInputError(f"cannot read image file: {first_line}", path) from exc
-    meta = {"format": path.name.lower().rsplit(".", 2 if path.name.lower().endswith(".gz") else 1)[-1]}
+    meta = {"format": next(suffix for suffix in IMAGE_SUFFIXES if path.name.lower().endswith(suffix)).lstrip(".")}
     return CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
 
 

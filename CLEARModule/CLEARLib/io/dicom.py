@@ -184,7 +184,8 @@ def _choose_series(series: dict[str, _Series], series_uid, allow_non_ct, folder:
     if not series:
         raise CLEARInputError("no DICOM images found in this folder", folder)
     listing = "; ".join(
-        f"{s.uid} ({s.modality or 'no modality'}, {s.n_images} images, {s.description!r})" for s in series.values()
+        f"{s.uid or '(no SeriesInstanceUID)'} ({s.modality or 'no modality'}, {s.n_images} images, {s.description!r})"
+        for s in series.values()
     )
     if series_uid is not None:
         if series_uid not in series:
@@ -200,7 +201,7 @@ def _choose_series(series: dict[str, _Series], series_uid, allow_non_ct, folder:
                 folder,
             )
         chosen = max(candidates, key=lambda s: (s.n_images, s.uid))
-        reason = f"series {chosen.uid} ({chosen.description!r}, {chosen.n_images} images)"
+        reason = f"series {chosen.uid or '(no SeriesInstanceUID)'} ({chosen.description!r}, {chosen.n_images} images)"
         if len(series) > 1:
             reason = f"chose the CT series with the most images: {reason}; the folder holds {listing}"
     if chosen.modality != "CT" and not allow_non_ct:
