@@ -6,6 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
+
+import pandas as pd
 
 from . import __version__
 from .errors import CLEARInputError
@@ -67,6 +70,69 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def _seed(text: str):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"a seed is x,y,z in mm, got {text!r}")
+    return values
+
+
+def cmd_predict(args) -> int:
+    from .inference import CasePredictor
+    from .outputs import attention_plot_png, write_atomic, write_csv, write_json
+
+    predictor = CasePredictor(args.model, device=args.device, batch_size=args.batch_size)
+    result = predictor.predict(_read(args), progress=_progress if args.verbose else None)
+    summary = {"ct": str(args.path), **result.to_dict()}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "predictions.json", summary)
+        write_csv(
+            out / "predictions.csv",
+            pd.DataFrame({"label": result.labels, "probability": result.probabilities.values()}),
+        )
+        write_csv(out / "attention.csv", result.attention)
+        write_atomic(
+            out / "attention.png", attention_plot_png(result.attention, title=f"{Path(args.path).name}: attention")
+        )
+        print(f"wrote predictions.json, predictions.csv, attention.csv, attention.png to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_lesion(args) -> int:
+    from .inference import LesionPredictor
+    from .outputs import write_json
+
+    predictor = LesionPredictor(args.model, device=args.device)
+    result = predictor.predict(_read(args), args.seed, coord=args.coord, stability=args.stability)
+    summary = {"ct": str(args.path), "seed": args.seed, "coord": args.coord, **result.to_dict()}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        write_json(Path(args.out) / "lesion.json", summary)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .bundle.convert import convert_fmcib, convert_moco
+
+    if args.source == "fmcib":
+        path = convert_fmcib(args.checkpoint, args.out, name=args.name or "fmcib-foundation")
+    else:
+        path = convert_moco(
+            args.checkpoint, args.out, args.arch, name=args.name, windows=args.windows, input_size=args.input_size
+        )
+    print(f"wrote bundle {path}")
+    return 0
+
+
+def _progress(fraction: float, message: str) -> None:
+    print(f"\r{100 * fraction:5.1f}% {message}", end="\n" if fraction >= 1 else "", file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clear-ct", description=__doc__)
     parser.add_argument("--version", action="version", version=f"clear-ct {__version__}")
@@ -86,6 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--noise", type=float, default=10.0, help="noise standard deviation in HU")
     phantom.add_argument("--seed", type=int, default=0)
     phantom.set_defaults(func=cmd_phantom)
+
+    predict = sub.add_parser("predict", help="case predictions and per-slice attention from a case bundle")
+    predict.add_argument("path", help="CT: DICOM folder, multi-frame DICOM, NIfTI/NRRD/MHA")
+    predict.add_argument("--model", required=True, help="case bundle (folder or .zip)")
+    predict.add_argument("--out", help="folder for predictions.json/.csv, attention.csv and attention.png")
+    predict.add_argument("--device", default="auto", help="auto, cpu or gpu")
+    predict.add_argument("--batch-size", type=int, help="instances per encoder batch (default: by device)")
+    _add_read_options(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    lesion = sub.add_parser("lesion", help="lesion features and prediction at a seed point from a lesion bundle")
+    lesion.add_argument("path", help="CT: DICOM folder, multi-frame DICOM, NIfTI/NRRD/MHA")
+    lesion.add_argument("--model", required=True, help="lesion bundle (folder or .zip)")
+    lesion.add_argument("--seed", required=True, type=_seed, help="x,y,z in mm")
+    lesion.add_argument("--coord", default="LPS", choices=["LPS", "RAS"], type=str.upper)
+    lesion.add_argument("--stability", type=int, default=0, help="also score N perturbed seeds (paper: 50)")
+    lesion.add_argument("--out", help="folder for lesion.json")
+    lesion.add_argument("--device", default="auto", help="auto, cpu or gpu")
+    _add_read_options(lesion)
+    lesion.set_defaults(func=cmd_lesion)
+
+    convert = sub.add_parser("convert", help="convert published or pretraining weights into a bundle")
+    convert.add_argument("source", choices=["fmcib", "moco"], help="fmcib: model_weights.torch; moco: MoCo v3/CLEAR")
+    convert.add_argument("checkpoint", help="the checkpoint file (read with torch.load(weights_only=True))")
+    convert.add_argument("out", help="bundle to write: a folder, or a file ending in .zip")
+    convert.add_argument("--name", help="bundle name")
+    convert.add_argument("--arch", default="mambaout_tiny", help="moco: registered slice encoder")
+    convert.add_argument("--windows", nargs="+", default=["abdomen", "lung"], help="moco: windows of the bundle")
+    convert.add_argument("--input-size", type=int, default=224, help="moco: input size")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

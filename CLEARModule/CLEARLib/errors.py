@@ -12,3 +12,7 @@ class CLEARInputError(ValueError):
         self.problem = problem
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class CLEARCancelled(Exception):
+    """Raised inside a long-running call when the user's cancel request is seen."""

@@ -25,3 +25,55 @@ def big_lesion_phantom():
 @pytest.fixture(autouse=True)
 def _engine_logs(caplog):
     caplog.set_level(logging.INFO, logger="CLEARLib")
+
+
+TINY_MAMBAOUT = {"depths": (1, 1, 1, 1), "dims": (8, 16, 24, 32)}
+TINY_LESION = {"layers": (1, 1, 1, 1), "block_inplanes": (4, 8, 8, 16), "widen_factor": 1.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_case_bundle(tmp_path_factory):
+    """A small but real case bundle: MambaOut (1 block per stage) at 32 px, ABMIL with 3 labels."""
+    import torch
+
+    from CLEARLib.bundle import save_bundle
+    from CLEARLib.models import ABMIL, create_encoder
+    from CLEARLib.preprocess import InputSpec
+
+    torch.manual_seed(0)
+    encoder = create_encoder("mambaout_femto", **TINY_MAMBAOUT)
+    head = ABMIL(encoder.num_features, 3, hidden_dim=32, attention_dim=16)
+    path = tmp_path_factory.mktemp("bundles") / "case.zip"
+    return save_bundle(
+        path,
+        name="tiny-case",
+        kind="case",
+        encoder=encoder,
+        head=head,
+        labels=["liver", "lung", "bone"],
+        task="multilabel",
+        windows=["abdomen", "lung"],
+        input_spec=InputSpec(size=32),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lesion_bundle(tmp_path_factory):
+    import torch
+
+    from CLEARLib.bundle import save_bundle
+    from CLEARLib.models import LinearHead, create_encoder
+
+    torch.manual_seed(0)
+    encoder = create_encoder("fmcib_resnet50", **TINY_LESION)
+    head = LinearHead(encoder.num_features, 2)
+    path = tmp_path_factory.mktemp("bundles") / "lesion"
+    return save_bundle(
+        path,
+        name="tiny-lesion",
+        kind="lesion",
+        encoder=encoder,
+        head=head,
+        labels=["benign", "malignant"],
+        task="multiclass",
+    )

@@ -1,0 +1,127 @@
+"""Converters from foreign checkpoints to bundles. Checkpoints are read with torch.load(weights_only=True):
+tensors and plain containers only, never arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CLEARInputError
+from ..models import create_encoder, encoder_entry
+from ..preprocess.slices import InputSpec
+from .store import load_state_strict, save_bundle
+
+# Heads that pretraining puts on the encoder (projector, predictor, classifier); never part of an encoder.
+_TRAINING_HEAD_PREFIXES = ("head.", "fc.", "projector.", "predictor.")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise CLEARInputError("no such checkpoint file", path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CLEARInputError(
+            f"cannot read the checkpoint with torch.load(weights_only=True) (it may hold pickled objects, "
+            f"which CLEAR never loads): {str(exc).strip().splitlines()[0]}",
+            path,
+        ) from exc
+    if not isinstance(checkpoint, dict):
+        raise CLEARInputError(f"expected a dict checkpoint, got {type(checkpoint).__name__}", path)
+    return checkpoint
+
+
+def _tensors_only(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CLEARInputError(f"non-tensor entries in the state dict: {', '.join(map(str, bad[:5]))}", path)
+    return state
+
+
+def fmcib_trunk_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The trunk weights of FMCIB's `model_weights.torch`: `trunk_state_dict`, or `state_dict` with `model.trunk.`."""
+    path = Path(path)
+    checkpoint = _load_checkpoint(path)
+    if "trunk_state_dict" in checkpoint:
+        return _tensors_only(dict(checkpoint["trunk_state_dict"]), path)
+    if "state_dict" in checkpoint:
+        prefix = "model.trunk."
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            raise CLEARInputError(f"state_dict holds no '{prefix}*' tensors; is this an FMCIB checkpoint?", path)
+        return _tensors_only(state, path)
+    raise CLEARInputError(
+        f"neither 'trunk_state_dict' nor 'state_dict' in the checkpoint (keys: {', '.join(list(checkpoint)[:8])})",
+        path,
+    )
+
+
+def convert_fmcib(weights: str | os.PathLike, out: str | os.PathLike, name: str = "fmcib-foundation") -> Path:
+    """FMCIB's published foundation weights into a lesion bundle (features only), every key matched."""
+    encoder = create_encoder("fmcib_resnet50")
+    load_state_strict(encoder.trunk, fmcib_trunk_state(weights), "FMCIB trunk", weights)
+    return save_bundle(
+        out,
+        name=name,
+        kind="lesion",
+        encoder=encoder,
+        description="FMCIB foundation model (Pai et al. 2024): 4096-d lesion features from a 50 mm patch",
+        provenance={"converted_from": Path(weights).name, "converter": "fmcib"},
+    )
+
+
+def moco_encoder_state(path: str | os.PathLike, encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base encoder of a MoCo v3 / CLEAR pretraining checkpoint, keyed for `encoder`.
+
+    Accepts `state_dict`, `model` or a bare state dict; keeps `module.base_encoder.*` (or
+    `base_encoder.*`), drops the momentum encoder and the projector/predictor heads.
+    """
+    path = Path(path)
+    checkpoint = _load_checkpoint(path)
+    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    for prefix in ("module.base_encoder.", "base_encoder."):
+        base = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if base:
+            break
+    else:
+        raise CLEARInputError("no 'module.base_encoder.*' or 'base_encoder.*' tensors in the checkpoint", path)
+    expected = set(encoder.state_dict())
+    # CLEAR's wrappers hold the network as `.model`; MoCo checkpoints name its tensors without that prefix.
+    wrapped = all(k.startswith("model.") for k in expected)
+    renamed = {(f"model.{k}" if wrapped and not k.startswith("model.") else k): v for k, v in base.items()}
+    dropped = [k for k in renamed if k not in expected and k.split("model.", 1)[-1].startswith(_TRAINING_HEAD_PREFIXES)]
+    return _tensors_only({k: v for k, v in renamed.items() if k not in dropped}, path)
+
+
+def convert_moco(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    architecture: str,
+    name: str | None = None,
+    windows=("abdomen", "lung"),
+    input_size: int = 224,
+    encoder_kwargs: dict | None = None,
+) -> Path:
+    """A MoCo v3 / CLEAR pretraining checkpoint into an encoder-only case bundle (features, no head)."""
+    entry = encoder_entry(architecture)
+    if entry.kind != "slice":
+        raise ValueError(f"{architecture} is not a slice encoder")
+    kwargs = dict(encoder_kwargs or {})
+    if architecture.startswith("vit_") and input_size != 224:
+        kwargs.setdefault("img_size", input_size)
+    encoder = create_encoder(architecture, **kwargs)
+    load_state_strict(encoder, moco_encoder_state(checkpoint, encoder), f"{architecture} encoder", checkpoint)
+    spec = entry.input_spec
+    return save_bundle(
+        out,
+        name=name or f"{architecture}-{Path(checkpoint).stem}",
+        kind="case",
+        encoder=encoder,
+        windows=windows,
+        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
+        description=f"{architecture} slice encoder from a contrastive pretraining checkpoint (no head)",
+        provenance={"converted_from": Path(checkpoint).name, "converter": "moco"},
+    )

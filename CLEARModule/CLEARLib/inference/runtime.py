@@ -1,0 +1,104 @@
+"""Device choice, mixed precision, progress and cooperative cancel: shared by case and lesion inference."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..errors import CLEARCancelled
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" -> CUDA when present, else CPU; "gpu" is an alias of "cuda"."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name in ("gpu", "cuda") or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("a GPU was requested but PyTorch sees no CUDA device")
+        return torch.device("cuda" if name == "gpu" else name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {device!r}: use auto, cpu, gpu or cuda[:N]")
+
+
+def autocast(device: torch.device):
+    """bf16 (or fp16) autocast on CUDA; full precision on the CPU, where results are deterministic."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def default_batch_size(device: torch.device, per_item_mb: float, cpu_default: int) -> int:
+    """On CUDA, half the free memory divided by a measured-once per-item estimate; on CPU a fixed size."""
+    if device.type != "cuda":
+        return cpu_default
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(512, free / 2 / (per_item_mb * 2**20))))
+
+
+def check_cancel(cancel) -> None:
+    """`cancel` is None, a callable returning True to stop, or an object with is_set() (threading.Event)."""
+    if cancel is None:
+        return
+    stop = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
+    if stop:
+        raise CLEARCancelled("cancelled by the user")
+
+
+def report(progress: ProgressCallback | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(min(max(fraction, 0.0), 1.0), message)
+
+
+class StageTimer:
+    """Wall time per named stage; synchronises CUDA so that GPU work is charged to the right stage."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def run_batches(n_items: int, batch_size: int, make_batch, run_model, progress, cancel, label: str, device):
+    """Call run_model(make_batch(start, stop)) over [0, n_items) in batches, halving the batch on CUDA OOM.
+
+    Yields (start, stop, output) in order.
+    """
+    start = 0
+    while start < n_items:
+        check_cancel(cancel)
+        stop = min(start + batch_size, n_items)
+        batch = make_batch(start, stop)
+        try:
+            output = run_model(batch)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            del batch
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            continue
+        yield start, stop, output
+        report(progress, stop / n_items, f"{label} {stop}/{n_items}")
+        start = stop

@@ -1,0 +1,181 @@
+"""VMamba (VSSM): a visual state-space model with 2D selective scan in four directions.
+
+Written for CLEAR (VMamba is not in timm) following the paper's configuration: patch embedding of
+4x4, stages of VSS blocks with depths [2, 2, 9, 2] and widths [96, 192, 384, 768], patch merging
+between stages, SS2D with d_state 16 and ssm_ratio 2, no MLP in the blocks; the embedding is the
+average-pooled, layer-normed last stage (768-d). Tensors are channels-last [B, H, W, C] inside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from .selective_scan import selective_scan
+
+
+class SS2D(nn.Module):
+    """2D selective scan: the feature map is read in four orders (rows, columns, and both reversed)."""
+
+    directions = 4
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        dt_rank: int | None = None,
+        d_conv: int = 3,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.d_inner = d_inner = int(ssm_ratio * d_model)
+        self.d_state = d_state
+        self.dt_rank = dt_rank = dt_rank or math.ceil(d_model / 16)
+        k = self.directions
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        self.act = nn.SiLU()
+        # Per direction: x -> (dt, B, C) projection, and dt -> channels projection.
+        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.ones(k * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
+
+    @torch.no_grad()
+    def _reset_ssm_parameters(self, dt_min, dt_max, dt_init_floor):
+        # Mamba's initialisation: S4D-real A, and dt log-uniform in [dt_min, dt_max] through softplus.
+        bound = 1.0 / math.sqrt(self.d_inner)
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        nn.init.uniform_(self.dt_projs_weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        dt = torch.exp(
+            torch.rand(self.directions, self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(a).repeat(self.directions * self.d_inner, 1))
+
+    def _scan(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, D, H, W] -> y: [B, D, H, W], summed over the four scan orders."""
+        b, d, h, w = x.shape
+        length = h * w
+        rows = x.flatten(2)
+        cols = x.transpose(2, 3).flatten(2)
+        xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)  # [B, 4, D, L]
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        ys = selective_scan(
+            xs.reshape(b, -1, length),
+            dts.reshape(b, -1, length),
+            -torch.exp(self.A_logs.float()),
+            Bs.contiguous(),
+            Cs.contiguous(),
+            self.Ds.float(),
+            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
+        ).view(b, self.directions, d, length)
+        rows_y = ys[:, 0] + ys[:, 2].flip(-1)
+        cols_y = ys[:, 1] + ys[:, 3].flip(-1)
+        return rows_y.view(b, d, h, w) + cols_y.view(b, d, w, h).transpose(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        y = self._scan(x).permute(0, 2, 3, 1)
+        y = self.out_norm(y) * nn.functional.silu(z)
+        return self.dropout(self.out_proj(y))
+
+
+class VSSBlock(nn.Module):
+    def __init__(self, dim: int, drop_path: float = 0.0, **ss2d_kwargs):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.op = SS2D(dim, **ss2d_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        return x + self.drop_path(self.op(self.norm(x)))
+
+
+class PatchMerging2D(nn.Module):
+    """2x2 neighbourhoods concatenated, normalised and projected to twice the width."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x):  # [B, H, W, C]
+        if x.shape[1] % 2 or x.shape[2] % 2:
+            x = nn.functional.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class VSSM(nn.Module):
+    def __init__(
+        self,
+        in_chans: int = 3,
+        patch_size: int = 4,
+        depths=(2, 2, 9, 2),
+        dims=(96, 192, 384, 768),
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        drop_path_rate: float = 0.1,
+    ):
+        super().__init__()
+        depths, dims = list(depths), list(dims)
+        if len(depths) != len(dims):
+            raise ValueError("depths and dims need one entry per stage")
+        self.num_features = dims[-1]
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size, bias=True),
+        )
+        self.patch_norm = nn.LayerNorm(dims[0])
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
+            start = sum(depths[:i])
+            self.stages.append(
+                nn.Sequential(
+                    *[
+                        VSSBlock(dim, drop_path=rates[start + j], d_state=d_state, ssm_ratio=ssm_ratio)
+                        for j in range(depth)
+                    ]
+                )
+            )
+            self.downsamples.append(PatchMerging2D(dim, dims[i + 1]) if i + 1 < len(dims) else nn.Identity())
+        self.norm = nn.LayerNorm(self.num_features)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))
+        for stage, down in zip(self.stages, self.downsamples, strict=True):
+            x = down(stage(x))
+        return x  # [B, H, W, C]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.forward_features(x)).mean(dim=(1, 2))

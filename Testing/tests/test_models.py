@@ -1,0 +1,238 @@
+"""Encoders, selective scan, ABMIL and the lesion encoder: shapes and maths on small inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from CLEARLib.models import (
+    ABMIL,
+    create_encoder,
+    cuda_kernel_available,
+    list_encoders,
+    probabilities,
+    selective_scan,
+    selective_scan_torch,
+    sincos_2d_position_embedding,
+)
+from CLEARLib.models.vmamba import SS2D
+
+
+def _scan_inputs(batch=2, groups=4, per_group=3, n_state=5, length=150, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    channels = groups * per_group
+    u = torch.randn(batch, channels, length, generator=g)
+    delta = torch.randn(batch, channels, length, generator=g) * 0.5
+    A = -torch.rand(channels, n_state, generator=g) * 3 - 0.1
+    B = torch.randn(batch, groups, n_state, length, generator=g)
+    C = torch.randn(batch, groups, n_state, length, generator=g)
+    D = torch.randn(channels, generator=g)
+    bias = torch.randn(channels, generator=g) * 0.1
+    return [t.to(device) for t in (u, delta, A, B, C, D, bias)]
+
+
+def _naive_scan(u, delta, A, B, C, D, bias):
+    """Step-by-step recurrence, one channel and one time step at a time, in float64."""
+    u, delta, A, B, C, D, bias = (t.double() for t in (u, delta, A, B, C, D, bias))
+    batch, channels, length = u.shape
+    per_group = channels // B.shape[1]
+    y = torch.zeros_like(u)
+    for b in range(batch):
+        for d in range(channels):
+            g = d // per_group
+            h = torch.zeros(A.shape[1], dtype=torch.float64)
+            for t in range(length):
+                dt = torch.nn.functional.softplus(delta[b, d, t] + bias[d])
+                h = torch.exp(dt * A[d]) * h + dt * B[b, g, :, t] * u[b, d, t]
+                y[b, d, t] = (C[b, g, :, t] * h).sum() + D[d] * u[b, d, t]
+    return y
+
+
+def test_torch_selective_scan_equals_the_recurrence():
+    u, delta, A, B, C, D, bias = _scan_inputs()  # length 150 crosses the 64-step chunks
+    fast = selective_scan_torch(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True)
+    torch.testing.assert_close(fast.double(), _naive_scan(u, delta, A, B, C, D, bias), atol=1e-4, rtol=1e-4)
+    assert selective_scan(u, delta, A, B, C, D, bias, backend="auto").equal(fast)  # CPU: PyTorch path
+
+
+@pytest.mark.skipif(not cuda_kernel_available(), reason="needs a CUDA GPU and mamba-ssm with its CUDA extension")
+def test_cuda_kernel_matches_torch_scan():
+    args = _scan_inputs(device="cuda")
+    u, delta, A, B, C, D, bias = args
+    cuda = selective_scan(u, delta, A, B, C, D, bias, backend="cuda")
+    torch_path = selective_scan(u, delta, A, B, C, D, bias, backend="torch")
+    torch.testing.assert_close(cuda, torch_path, atol=1e-3, rtol=1e-3)
+
+
+def test_ss2d_row_and_column_scans_swap_under_transpose():
+    """With the same parameters for every direction, scanning x^T gives the transpose of scanning x."""
+    torch.manual_seed(0)
+    ss2d = SS2D(d_model=8, d_state=4, ssm_ratio=1.0).eval()
+    with torch.no_grad():
+        for p in (ss2d.x_proj_weight, ss2d.dt_projs_weight, ss2d.dt_projs_bias):
+            p.copy_(p[:1].expand_as(p))
+        d = ss2d.d_inner
+        ss2d.A_logs.copy_(ss2d.A_logs[:d].repeat(4, 1))
+        ss2d.Ds.copy_(torch.randn(d).repeat(4))
+        x = torch.randn(2, d, 5, 7)
+        torch.testing.assert_close(ss2d._scan(x.transpose(2, 3)), ss2d._scan(x).transpose(2, 3), atol=1e-5, rtol=1e-5)
+        # Reversal symmetry too: flipping both spatial axes reverses every scan order.
+        torch.testing.assert_close(ss2d._scan(x.flip(2, 3)), ss2d._scan(x).flip(2, 3), atol=1e-5, rtol=1e-5)
+
+
+def test_vmamba_tiny_is_the_papers_configuration():
+    model = create_encoder("vmamba_tiny")
+    depths = [len(stage) for stage in model.model.stages]
+    widths = [stage[0].norm.normalized_shape[0] for stage in model.model.stages]
+    assert depths == [2, 2, 9, 2] and widths == [96, 192, 384, 768]
+    ss2d = model.model.stages[0][0].op
+    assert ss2d.d_state == 16 and ss2d.d_inner == 2 * 96
+    n_params = sum(p.numel() for p in model.parameters())
+    assert abs(n_params / 1e6 - 22.12) < 0.05, n_params  # VMamba-T v0 without its 0.77 M ImageNet classifier
+    small = create_encoder("vmamba_tiny", depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)).eval()
+    with torch.no_grad():
+        out = small(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 64) and small.num_features == 64
+
+
+def test_mambaout_embedding_is_the_pooled_normed_feature_not_the_hidden_layer():
+    encoder = create_encoder("mambaout_tiny").eval()
+    assert encoder.num_features == 576
+    reference = timm.create_model("mambaout_tiny", pretrained=False, num_classes=0).eval()
+    reference.load_state_dict(encoder.model.state_dict(), strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = encoder(x)
+        hidden = reference(x)  # timm's num_classes=0 output: the head's MLP hidden layer
+        pooled = reference.head.norm(reference.forward_features(x).mean((1, 2)))
+    assert ours.shape == (2, 576) and hidden.shape == (2, 2304)
+    torch.testing.assert_close(ours, pooled)
+
+
+def test_vit_conv_stem_and_fixed_sincos_positions():
+    encoder = create_encoder("vit_conv_base", img_size=64).eval()
+    stem = encoder.model.patch_embed.proj
+    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(3, 3)] * 4 + [(1, 1)]
+    assert [c.stride for c in convs] == [(2, 2)] * 4 + [(1, 1)]
+    assert [c.out_channels for c in convs] == [96, 192, 384, 768, 768]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in stem) == 4 and isinstance(stem[2], nn.ReLU)
+    assert len(encoder.model.blocks) == 11 and not encoder.model.pos_embed.requires_grad
+    torch.testing.assert_close(encoder.model.pos_embed.data, sincos_2d_position_embedding(4, 4, 768))
+    with torch.no_grad():
+        out = encoder(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 768)
+
+
+def test_sincos_table_by_hand():
+    dim, h, w = 8, 2, 3
+    table = sincos_2d_position_embedding(h, w, dim)[0]
+    assert torch.all(table[0] == 0)  # class token
+    quarter = dim // 4
+    omega = [1.0 / 10000 ** (i / quarter) for i in range(quarter)]
+    for m in range(h * w):
+        slow, fast = divmod(m, h)  # MoCo v3 enumerates its (w, h) meshgrid with w slowest
+        expected = (
+            [math.sin(slow * o) for o in omega]
+            + [math.cos(slow * o) for o in omega]
+            + [math.sin(fast * o) for o in omega]
+            + [math.cos(fast * o) for o in omega]
+        )
+        np.testing.assert_allclose(table[1 + m].numpy(), expected, atol=1e-6)
+
+
+def test_registry_lists_every_family():
+    names = list_encoders()
+    for name in ("mambaout_tiny", "vit_conv_base", "vmamba_tiny", "fmcib_resnet50"):
+        assert name in names
+    assert list_encoders("lesion") == ["fmcib_resnet50"]
+    with pytest.raises(KeyError, match="unknown encoder"):
+        create_encoder("resnet9000")
+
+
+# ----------------------------------------------------------------------------------------- ABMIL
+def test_abmil_layers_follow_the_paper():
+    model = ABMIL(in_dim=32, n_outputs=3)
+    assert isinstance(model.encoder[0], nn.Linear) and model.encoder[0].out_features == 256
+    assert isinstance(model.encoder[1], nn.ReLU)
+    kinds = [type(m) for m in model.head]
+    assert kinds == [nn.LayerNorm, nn.Linear, nn.SiLU, nn.Dropout, nn.Linear]
+    assert model.head[0].normalized_shape == (256,) and model.head[-1].out_features == 3
+
+
+def test_abmil_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model = ABMIL(in_dim=4, n_outputs=2, hidden_dim=6, attention_dim=3).eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        logits, attention = model(x)
+    W, b = model.encoder[0].weight.detach().numpy(), model.encoder[0].bias.detach().numpy()
+    h = np.maximum(x.numpy() @ W.T + b, 0)
+    V, bv = model.attention_V.weight.detach().numpy(), model.attention_V.bias.detach().numpy()
+    w, bw = model.attention_w.weight.detach().numpy(), model.attention_w.bias.detach().numpy()
+    scores = (np.tanh(h @ V.T + bv) @ w.T + bw)[:, 0]
+    a = np.exp(scores - scores.max())
+    a /= a.sum()
+    np.testing.assert_allclose(attention.numpy(), a, rtol=1e-5, atol=1e-6)
+    z = torch.from_numpy((a[:, None] * h).sum(0)).float()
+    with torch.no_grad():
+        np.testing.assert_allclose(logits.numpy(), model.head(z).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_abmil_ignores_padding_and_instance_order(gated):
+    torch.manual_seed(1)
+    model = ABMIL(in_dim=16, n_outputs=4, gated=gated).eval()
+    bags = [torch.randn(7, 16), torch.randn(3, 16)]
+    padded = torch.randn(2, 10, 16) * 50  # garbage in the padding
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        padded[i, : len(bag)] = bag
+        mask[i, : len(bag)] = True
+    with torch.no_grad():
+        logits, attention = model(padded, mask)
+        for i, bag in enumerate(bags):
+            alone_logits, alone_attention = model(bag)
+            torch.testing.assert_close(logits[i], alone_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(attention[i, : len(bag)], alone_attention, atol=1e-6, rtol=1e-5)
+            assert torch.all(attention[i, len(bag) :] == 0)
+        perm = torch.randperm(7)
+        perm_logits, perm_attention = model(bags[0][perm])
+        torch.testing.assert_close(perm_logits, model(bags[0])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(perm_attention, model(bags[0])[1][perm], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attention.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="at least one unmasked"):
+        model(padded, torch.zeros_like(mask))
+
+
+def test_probabilities_by_task():
+    logits = torch.tensor([[0.0, 2.0, -1.0]])
+    torch.testing.assert_close(probabilities(logits, "multilabel"), torch.sigmoid(logits))
+    softmax = probabilities(logits, "multiclass")
+    torch.testing.assert_close(softmax.sum(-1), torch.ones(1))
+    with pytest.raises(ValueError, match="unknown task"):
+        probabilities(logits, "regression")
+
+
+# -------------------------------------------------------------------------------- lesion encoder
+def test_fmcib_resnet50_matches_monai_and_gives_4096_features():
+    from monai.networks.nets import resnet50
+
+    ours = create_encoder("fmcib_resnet50").eval()
+    monai_model = resnet50(
+        n_input_channels=1, widen_factor=2, conv1_t_stride=2, feed_forward=False, bias_downsample=True
+    ).eval()
+    assert set(ours.trunk.state_dict()) == set(monai_model.state_dict())
+    n_params = sum(p.numel() for p in ours.parameters())
+    assert abs(n_params / 1e6 - 184.48) < 0.01, n_params
+    ours.trunk.load_state_dict(monai_model.state_dict())
+    x = torch.rand(1, 1, 50, 50, 50)
+    with torch.no_grad():
+        features = ours(x)
+        torch.testing.assert_close(features, monai_model(x))
+    assert features.shape == (1, 4096) and ours.num_features == 4096
