@@ -1,0 +1,236 @@
+"""Case and lesion inference end to end on synthetic CT with tiny real bundles; the CLI on top."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_MAMBAOUT
+
+from CLEARLib.bundle import load_bundle, save_bundle
+from CLEARLib.cli import main
+from CLEARLib.errors import CLEARCancelled, CLEARInputError
+from CLEARLib.inference import STABILITY_VARIANCE_VOXELS, CasePredictor, LesionPredictor
+from CLEARLib.inference.runtime import run_batches
+from CLEARLib.io import write_volume
+from CLEARLib.models import ABMIL, create_encoder
+from CLEARLib.preprocess import SliceInstances, extract_lesion_patch
+
+
+def test_case_prediction_end_to_end(phantom, tiny_case_bundle):
+    volume, _ = phantom
+    result = CasePredictor(tiny_case_bundle, device="cpu").predict(volume)
+    n = volume.shape[0] * 2
+    assert list(result.attention.columns) == ["slice_index", "window", "z_mm", "attention"]
+    assert len(result.attention) == n and result.embeddings.shape == (n, 32)
+    assert result.attention.attention.sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(result.attention.z_mm.to_numpy(), np.repeat(volume.slice_positions_mm, 2), atol=1e-9)
+    assert set(result.probabilities) == {"liver", "lung", "bone"}
+    assert all(0.0 < p < 1.0 for p in result.probabilities.values())
+    assert {"preprocess", "encode", "mil"} <= set(result.timings)
+    top = result.top_slices(3, window="lung")
+    assert list(top.window) == ["lung"] * 3 and top.attention.is_monotonic_decreasing
+
+
+def test_case_prediction_equals_one_slice_at_a_time(phantom, tiny_case_bundle):
+    """The batched pipeline gives what a slice-by-slice loop through the same bundle gives."""
+    volume, _ = phantom
+    bundle = load_bundle(tiny_case_bundle)
+    result = CasePredictor(bundle, device="cpu", batch_size=13).predict(volume)
+    instances = SliceInstances(volume, bundle.windows, bundle.input_spec, batch_size=1)
+    with torch.no_grad():
+        one_by_one = torch.cat([bundle.encoder(b.pixels) for b in instances])
+        logits, attention = bundle.head(one_by_one)
+    np.testing.assert_allclose(result.embeddings, one_by_one.numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(result.attention.attention, attention.numpy(), atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(list(result.probabilities.values()), torch.sigmoid(logits).numpy(), atol=1e-6)
+
+
+def test_case_prediction_is_deterministic_on_cpu(phantom, tiny_case_bundle):
+    volume, _ = phantom
+    predictor = CasePredictor(tiny_case_bundle, device="cpu")
+    first, second = predictor.predict(volume), predictor.predict(volume)
+    np.testing.assert_array_equal(first.embeddings, second.embeddings)
+    assert first.probabilities == second.probabilities
+
+
+def test_progress_and_cancel(phantom, tiny_case_bundle):
+    volume, _ = phantom
+    predictor = CasePredictor(tiny_case_bundle, device="cpu", batch_size=8)
+    seen = []
+    predictor.predict(volume, progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > 3
+    calls = []
+
+    def cancel_after_two_batches():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(CLEARCancelled):
+        predictor.predict(volume, cancel=cancel_after_two_batches)
+    assert len(calls) == 3  # stopped at the first check after the request
+    import threading
+
+    event = threading.Event()
+    event.set()
+    with pytest.raises(CLEARCancelled):
+        predictor.predict(volume, cancel=event)
+
+
+def test_out_of_memory_halves_the_batch():
+    sizes = []
+
+    def run_model(batch):
+        if len(batch) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (batch too large)")
+        sizes.append(len(batch))
+        return batch
+
+    items = list(range(19))
+    out = list(run_batches(19, 16, lambda a, b: items[a:b], run_model, None, None, "x", torch.device("cpu")))
+    assert [o for _, _, chunk in out for o in chunk] == items
+    assert max(sizes) == 4
+
+
+def test_rescoring_with_another_head_on_the_same_encoder(phantom, tiny_case_bundle, tmp_path):
+    volume, _ = phantom
+    bundle = load_bundle(tiny_case_bundle)
+    torch.manual_seed(5)
+    other = save_bundle(
+        tmp_path / "stage",
+        name="stage",
+        kind="case",
+        encoder=bundle.encoder,
+        head=ABMIL(32, 2, hidden_dim=16, attention_dim=8, gated=True),
+        labels=["low", "high"],
+        task="multiclass",
+        windows=bundle.windows,
+        input_spec=bundle.input_spec,
+    )
+    first = CasePredictor(bundle, device="cpu").predict(volume)
+    staging = CasePredictor(other, device="cpu")
+    rescored = staging.rescore(first)
+    direct = staging.predict(volume)
+    assert rescored.probabilities == pytest.approx(direct.probabilities, abs=1e-6)
+    assert sum(rescored.probabilities.values()) == pytest.approx(1.0)
+    different = save_bundle(
+        tmp_path / "other-encoder",
+        name="other",
+        kind="case",
+        encoder=create_encoder("mambaout_femto", **TINY_MAMBAOUT),
+        head=ABMIL(32, 1),
+        labels=["x"],
+        task="binary",
+        windows=bundle.windows,
+        input_spec=bundle.input_spec,
+    )
+    with pytest.raises(CLEARInputError, match="another encoder"):
+        CasePredictor(different, device="cpu").rescore(first)
+
+
+def test_encoder_only_bundle_cannot_predict(phantom, tiny_case_bundle, tmp_path):
+    volume, _ = phantom
+    bundle = load_bundle(tiny_case_bundle)
+    headless = save_bundle(
+        tmp_path / "enc",
+        name="enc",
+        kind="case",
+        encoder=bundle.encoder,
+        windows=["lung"],
+        input_spec=bundle.input_spec,
+    )
+    predictor = CasePredictor(headless, device="cpu")
+    embeddings, table = predictor.encode(volume)
+    assert embeddings.shape == (volume.shape[0], 32) and list(table["window"][:2]) == ["lung", "lung"]
+    with pytest.raises(CLEARInputError, match="no head"):
+        predictor.predict(volume)
+
+
+def test_wrong_bundle_kind_is_refused(tiny_case_bundle, tiny_lesion_bundle):
+    with pytest.raises(CLEARInputError, match="cannot score lesion seeds"):
+        LesionPredictor(tiny_case_bundle, device="cpu")
+    with pytest.raises(CLEARInputError, match="cannot score whole cases"):
+        CasePredictor(tiny_lesion_bundle, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------- lesion
+def test_lesion_prediction_at_a_seed(big_lesion_phantom, tiny_lesion_bundle):
+    volume, lesion = big_lesion_phantom
+    predictor = LesionPredictor(tiny_lesion_bundle, device="cpu")
+    result = predictor.predict(volume, lesion.center_lps)
+    bundle = predictor.bundle
+    patch = torch.from_numpy(extract_lesion_patch(volume, lesion.center_lps))[None, None]
+    with torch.no_grad():
+        expected = bundle.encoder(patch)[0]
+        probs = torch.softmax(bundle.head(expected[None]), -1)[0]
+    np.testing.assert_allclose(result.features, expected.numpy(), atol=1e-5, rtol=1e-4)
+    assert result.probabilities == pytest.approx(dict(zip(["benign", "malignant"], probs.tolist(), strict=True)))
+    ras = np.asarray(lesion.center_lps) * [-1, -1, 1]
+    np.testing.assert_array_equal(predictor.predict(volume, ras, coord="RAS").features, result.features)
+
+
+def test_seed_stability(big_lesion_phantom, tiny_lesion_bundle):
+    volume, lesion = big_lesion_phantom
+    predictor = LesionPredictor(tiny_lesion_bundle, device="cpu", batch_size=16)
+    result = predictor.predict(volume, lesion.center_lps, stability=60, random_state=1)
+    stability = result.stability
+    assert stability["n"] == 60 and stability["sd_mm"] == pytest.approx(np.sqrt(STABILITY_VARIANCE_VOXELS))
+    offsets = stability["seeds_lps"] - np.asarray(lesion.center_lps)
+    assert offsets.shape == (60, 3) and 2.8 < offsets.std() < 5.2
+    assert set(stability["mean"]) == {"benign", "malignant"}
+    assert all(0 <= s < 0.5 for s in stability["std"].values())
+    again = predictor.predict(volume, lesion.center_lps, stability=60, random_state=1)
+    assert again.stability["mean"] == stability["mean"]
+
+
+def test_stability_needs_a_head(big_lesion_phantom, tmp_path):
+    volume, lesion = big_lesion_phantom
+    from conftest import TINY_LESION
+
+    headless = save_bundle(
+        tmp_path / "feat", name="feat", kind="lesion", encoder=create_encoder("fmcib_resnet50", **TINY_LESION)
+    )
+    predictor = LesionPredictor(headless, device="cpu")
+    assert predictor.predict(volume, lesion.center_lps).probabilities == {}
+    with pytest.raises(CLEARInputError, match="stability needs a bundle with a head"):
+        predictor.predict(volume, lesion.center_lps, stability=5)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def test_cli_predict_writes_results(tmp_path, phantom, tiny_case_bundle, capsys):
+    volume, _ = phantom
+    ct = write_volume(volume, tmp_path / "ct.nii.gz")
+    out = tmp_path / "results"
+    assert main(["predict", str(ct), "--model", str(tiny_case_bundle), "--out", str(out), "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["probabilities"]) == {"liver", "lung", "bone"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attention.csv",
+        "attention.png",
+        "predictions.csv",
+        "predictions.json",
+    ]
+    attention = pd.read_csv(out / "attention.csv")
+    assert len(attention) == 2 * volume.shape[0] and attention.attention.sum() == pytest.approx(1, abs=1e-5)
+    assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(pd.read_csv(out / "predictions.csv").label) == ["liver", "lung", "bone"]
+
+
+def test_cli_lesion_and_errors(tmp_path, big_lesion_phantom, tiny_lesion_bundle, capsys):
+    volume, lesion = big_lesion_phantom
+    ct = write_volume(volume, tmp_path / "ct.nrrd")
+    ras = ",".join(str(v) for v in np.asarray(lesion.center_lps) * [-1, -1, 1])
+    args = ["lesion", str(ct), "--model", str(tiny_lesion_bundle), "--seed", ras, "--coord", "ras"]
+    assert main([*args, "--stability", "4", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stability"]["n"] == 4 and summary["feature_dim"] == 16 * 4  # bottleneck expansion
+    assert summary["seed_lps"] == pytest.approx(list(lesion.center_lps))
+    assert (tmp_path / "o" / "lesion.json").exists()
+    far = ["lesion", str(ct), "--model", str(tiny_lesion_bundle), "--seed", "0,0,5000"]
+    assert main(far) == 2
+    assert "outside the image" in capsys.readouterr().err
+    assert main(["predict", str(ct), "--model", str(tmp_path / "none.zip")]) == 2
+    assert "no such bundle" in capsys.readouterr().err
