@@ -61,7 +61,8 @@ class CasePredictor:
     """Runs a case bundle on CT volumes. Load once, predict many times.
 
     `device`: "auto" (CUDA when present), "cpu", "gpu"/"cuda". `batch_size`: instances per encoder
-    batch; by default 32 on the CPU and sized from free memory on CUDA, halved on out-of-memory.
+    batch; by default 8 on the CPU (larger batches are no faster there) and sized from free memory
+    on CUDA; halved on out-of-memory.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, device="auto", batch_size: int | None = None):
@@ -74,7 +75,7 @@ class CasePredictor:
             self.bundle.encoder.to(memory_format=torch.channels_last)
         spec = self.bundle.input_spec
         per_item_mb = 3 * spec.size * spec.size * 4 * 40 / 2**20  # activations ~40x the input, measured on MambaOut-T
-        self.batch_size = batch_size or default_batch_size(self.device, per_item_mb, cpu_default=32)
+        self.batch_size = batch_size or default_batch_size(self.device, per_item_mb, cpu_default=8)
 
     @property
     def labels(self) -> list[str]:
