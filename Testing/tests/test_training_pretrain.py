@@ -1,0 +1,308 @@
+"""Slice-encoder pretraining: losses by hand, DDP equivalence, exact resume, data store, and a tiny run."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+from deeplesion_factory import write_deeplesion
+
+from clear_training.augment import ViewConfig, lesion_boxes, make_views
+from clear_training.cli import main as train_main
+from clear_training.config import ConfigError, load_config
+from clear_training.data import SliceStore, prepare_ct, prepare_deeplesion
+from clear_training.losses import lecl_loss, lecl_loss_public_variant, moco_v3_loss
+from clear_training.moco import MoCo
+from clear_training.pretrain import Trainer, contrastive_loss, export_encoder
+from CLEARLib.bundle import load_bundle
+from CLEARLib.io import write_volume
+from CLEARLib.phantom import make_phantom
+
+TINY_ENCODER = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
+
+
+# ------------------------------------------------------------------------------------------ losses
+def _by_hand(q, k, tau, extra_weight=None):
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    s = q @ k.T / tau
+    losses = []
+    for i in range(len(q)):
+        denominator = np.exp(s[i]).sum()
+        if extra_weight is not None:
+            denominator += extra_weight(s[i])
+        losses.append(-np.log(np.exp(s[i, i]) / denominator))
+    return float(np.mean(losses) * 2 * tau)
+
+
+def test_losses_against_hand_computation():
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    key = np.array([True, False, False, True, False, True])
+    tq, tk, tkey = torch.tensor(q), torch.tensor(k), torch.tensor(key)
+    assert moco_v3_loss(tq, tk, 0.2).item() == pytest.approx(_by_hand(q, k, 0.2), rel=1e-6)
+    for lam in (1.0, 3.0, 5.0):
+        expected = _by_hand(q, k, 0.2, lambda s, lam=lam: lam * np.exp(s[key]).sum())
+        assert lecl_loss(tq, tk, tkey, lam, 0.2).item() == pytest.approx(expected, rel=1e-6)
+    expected = _by_hand(q, k, 0.5, lambda s: np.exp(2.0 * s[key]).sum())
+    assert lecl_loss_public_variant(tq, tk, tkey, 2.0, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_lecl_with_lambda_zero_is_moco():
+    torch.manual_seed(0)
+    q, k = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+    key = torch.rand(16) < 0.5
+    a = lecl_loss(q, k, key, 0.0, 0.2)
+    b = moco_v3_loss(q, k, 0.2)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)  # same maths, float32 rounding only
+    (ga,) = torch.autograd.grad(a, q)
+    (gb,) = torch.autograd.grad(b, q)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+    assert lecl_loss(q, k, key, 3.0, 0.2).item() > a.item()  # key-slice keys weigh more in the denominator
+
+
+# ---------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_moco():
+    torch.manual_seed(0)
+    return MoCo("mambaout_femto", TINY_ENCODER, dim=8, mlp_dim=16, mlp_norm="none")
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(4)]
+    key = torch.tensor([True, False, False, True, False, False, True, False])
+    return views, key
+
+
+def _ddp_worker(rank, world, port, method, out):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = DistributedDataParallel(_tiny_moco())
+    views, key = _batch()
+    half = slice(rank * 4, rank * 4 + 4)
+    q1, q2, k1, k2 = model(*(v[half] for v in views), 0.99)
+    loss = contrastive_loss(q1, q2, k1, k2, key[half], method)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    if rank == 0:
+        grads = {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
+        torch.save({"loss": mean_loss / world, "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", [{"name": "moco", "lam": 0.0}, {"name": "lecl", "lam": 3.0}], ids=["moco", "lecl"])
+def test_two_process_ddp_equals_one_process_with_the_whole_batch(tmp_path, method):
+    from clear_training.config import MethodConfig
+
+    method = MethodConfig(**method)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), method, str(out)), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+    model = _tiny_moco()
+    views, key = _batch()
+    q1, q2, k1, k2 = model(*views, 0.99)
+    loss = contrastive_loss(q1, q2, k1, k2, key, method)
+    loss.backward()
+    assert distributed["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(distributed["grads"]) and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(distributed["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# -------------------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def deeplesion_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dl")
+    info = write_deeplesion(root / "DeepLesion", n_patients=6, slices=16, size=64)
+    summary = prepare_deeplesion(root / "DeepLesion", root / "store", size=48, test_fraction=0.25, seed=0)
+    return root, info, summary
+
+
+def test_deeplesion_store_excludes_test_patients_and_scales_boxes(deeplesion_store):
+    root, info, summary = deeplesion_store
+    splits = pd.read_csv(summary["splits"], dtype={"patient_id": str})
+    test = set(splits.patient_id[splits.split == "test"])
+    labelled = {f"{p:06d}" for p in info.Patient_index[info.Coarse_lesion_type > 0]}
+    assert len(test) == round(0.25 * len(labelled)) and test <= labelled
+    store = SliceStore(root / "store")
+    assert not set(store.index.patient_id) & test
+    assert len(store) == 16 * (6 - len(test)) and store.size == 48
+    # Key slices carry their box, scaled from 64 to 48 pixels; x1,y1,x2,y2 order is kept.
+    for row in info.itertuples():
+        patient = f"{row.Patient_index:06d}"
+        if patient in test:
+            continue
+        hit = store.index[
+            (store.index.case_id == f"{patient}_01_01") & (store.index.slice_index == row.Key_slice_index)
+        ]
+        assert len(hit) == 1 and bool(hit.is_key.iloc[0])
+        stored = [float(v) for v in hit.boxes.iloc[0].split()]
+        expected = [float(v) * 48 / 64 for v in row.Bounding_boxes.split(",")]
+        np.testing.assert_allclose(stored, expected, atol=0.01)
+    assert store.is_key.sum() == 6 - len(test)
+
+
+def test_store_keeps_hounsfield_units(tmp_path):
+    root = tmp_path / "dl"
+    write_deeplesion(root, n_patients=1, slices=8, size=32)
+    prepare_deeplesion(root, tmp_path / "store", size=32, test_fraction=0.0)
+    store = SliceStore(tmp_path / "store")
+    from PIL import Image
+
+    png = np.asarray(Image.open(root / "Images_png" / "000001_01_01" / "002.png")).astype(np.int32) - 32768
+    np.testing.assert_array_equal(store.slices(np.array([2]))[0].numpy(), png)
+
+
+def test_prepare_ct_from_a_cohort_with_key_slices(tmp_path):
+    paths = []
+    for i in range(2):
+        volume, lesions = make_phantom((10, 40, 40), (5.0, 5.0, 8.0), seed=i)
+        paths.append(write_volume(volume, tmp_path / f"case{i}.nii.gz"))
+    pd.DataFrame({"path": [p.name for p in paths] + ["missing.nrrd"]}).to_csv(tmp_path / "cohort.csv", index=False)
+    pd.DataFrame(
+        [{"case_id": "case0", "key_slice_index": 3, "x1": 5, "y1": 6, "x2": 15, "y2": 18, "lesion_type": 4}]
+    ).to_csv(tmp_path / "keys.csv", index=False)
+    summary = prepare_ct(tmp_path / "cohort.csv", tmp_path / "store", tmp_path / "keys.csv", size=40)
+    assert summary["cases"] == 2 and summary["failures"][0]["case_id"] == "missing"
+    store = SliceStore(tmp_path / "store")
+    assert len(store) == 20 and store.is_key.sum() == 1
+    key = store.index[store.index.is_key].iloc[0]
+    assert key.case_id == "case0" and key.slice_index == 3 and key.boxes == "5.00 6.00 15.00 18.00"
+
+
+def test_lesion_crop_is_centred_on_the_box_centre():
+    hu = torch.full((1, 64, 64), -1000, dtype=torch.int16)
+    hu[0, 20:30, 40:52] = 200  # rows 20-29 (y), columns 40-51 (x)
+    box = torch.tensor([[40.0, 20.0, 52.0, 30.0]])  # x1, y1, x2, y2
+    cfg = ViewConfig(
+        size=24,
+        lesion_context=(1.0, 1.0),
+        hflip=0,
+        contrast=0,
+        gamma=0,
+        noise_std=0,
+        blur_p=0,
+        window_jitter=0,
+        mean=(0.0,),
+        std=(1.0,),
+    )
+    g = torch.Generator().manual_seed(0)
+    view = make_views(hu, torch.tensor([[-175.0, 275.0]]), cfg, g, lesion_boxes(box, (64, 64), cfg, g, "cpu"))
+    # The crop spans the box's longer side (12 px) around its centre (46, 25): rows 19-30 of which
+    # 20-29 are lesion, so the middle rows of the view are lesion and the crop's top and bottom are not.
+    assert view.shape == (1, 1, 24, 24)
+    assert view[0, 0, 12, 12] > 0.7 and view[0, 0, 8:16, 4:20].min() > 0.7
+    assert view[0, 0, 0, 12] < 0.5 and view[0, 0, 23, 12] < 0.5
+
+
+def test_views_are_reproducible_from_the_seed():
+    hu = torch.randint(-1000, 1000, (4, 48, 48), dtype=torch.int16)
+    bounds = torch.tensor([[-175.0, 275.0]] * 4)
+    a = make_views(hu, bounds, ViewConfig(size=32), torch.Generator().manual_seed(5))
+    b = make_views(hu, bounds, ViewConfig(size=32), torch.Generator().manual_seed(5))
+    c = make_views(hu, bounds, ViewConfig(size=32), torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (4, 3, 32, 32)
+
+
+# -------------------------------------------------------------------------------- trainer
+def _config(tmp_path, store, name="run", **overrides):
+    cfg = {
+        "run": {"name": name, "out_dir": str(tmp_path / name), "epochs": 8, "warmup_epochs": 1, "log_every_steps": 1},
+        "data": {"store": str(store), "image_size": 32},
+        "model": {"encoder": "mambaout_femto", "encoder_kwargs": TINY_ENCODER, "dim": 16, "mlp_dim": 32},
+        "method": {"name": "lecl", "lam": 1.0},
+        "optim": {"lr": 0.05, "batch_size": 16, "weight_decay": 0.0},
+    }
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_resume_continues_exactly(tmp_path, deeplesion_store):
+    root, _, _ = deeplesion_store
+    straight = Trainer(load_config(_config(tmp_path, root / "store", "straight", run__max_steps=7)))
+    history = straight.fit()
+    interrupted = Trainer(load_config(_config(tmp_path, root / "store", "resumed", run__max_steps=4)))
+    interrupted.fit()
+    resumed = Trainer(load_config(_config(tmp_path, root / "store", "resumed", run__max_steps=7)))
+    assert resumed.global_step == 4
+    rest = resumed.fit()
+    assert [r["loss"] for r in rest] == [r["loss"] for r in history[4:]]
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_tiny_pretraining_lowers_the_loss_and_exports_a_bundle(tmp_path, deeplesion_store, phantom):
+    root, _, _ = deeplesion_store
+    config = load_config(_config(tmp_path, root / "store", "tiny", run__epochs=12))
+    trainer = Trainer(config)
+    history = trainer.fit()
+    losses = [r["loss"] for r in history]
+    assert len(losses) == 12 * (len(trainer.store) // 16)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.2, losses
+    assert sum(r["key_slices"] for r in history) > 0
+    log = [json.loads(line) for line in (tmp_path / "tiny" / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "momentum", "views_per_s"} <= set(log[-1])
+    bundle = load_bundle(export_encoder(tmp_path / "tiny" / "last.pt", tmp_path / "enc.zip"))
+    assert bundle.head is None and bundle.input_spec.size == 32
+    x = torch.randn(2, 3, 32, 32)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.encoder(x), trainer.model.base_encoder(x))
+    from CLEARLib.inference import CasePredictor
+
+    volume, _ = phantom
+    embeddings, _ = CasePredictor(bundle, device="cpu").encode(volume)
+    assert embeddings.shape == (2 * volume.shape[0], 32) and np.isfinite(embeddings).all()
+
+
+def test_config_errors_name_the_keys(tmp_path, deeplesion_store, capsys):
+    root, _, _ = deeplesion_store
+    path = _config(tmp_path, root / "store", "bad", method__lamda=1.0, model__encoder="resnet9000")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "bad.yaml" in text and "method.lamda" in text and "model.encoder" in text and "resnet9000" in text
+    good = _config(tmp_path, root / "store", "good")
+    with pytest.raises(ConfigError, match="method.lam applies to lecl only"):
+        load_config(good, ["method.name=moco", "method.lam=3"])
+    assert train_main(["pretrain", "--config", str(good), "--set", "method.lam=5", "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"]["lam"] == 5.0
+    assert train_main(["pretrain", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+
+
+def test_shipped_configs_reproduce_the_paper():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("*.yaml"))
+    assert len(configs) == 6
+    for path in configs:
+        for lam in [0, 1, 3, 5] if "lecl" in path.name else [None]:
+            config = load_config(path, [f"method.lam={lam}"] if lam is not None else [])
+            assert config.run.epochs == 100 and config.run.warmup_epochs == 10 and config.optim.lr == 1e-4
+            assert config.optim.batch_size == (1024 if config.model.encoder.startswith("vit") else 2048)
+    assert sys.version_info >= (3, 11)

@@ -1,0 +1,146 @@
+"""Validated YAML configs: every problem is reported, with its key, before any compute is spent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from CLEARLib.models import list_encoders
+from CLEARLib.preprocess import resolve_windows
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and every bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(_Strict):
+    name: str
+    out_dir: Path
+    seed: int = 0
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: float = Field(10, ge=0)
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint within an epoch")
+    log_every_steps: int = Field(20, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps in all (tests, benchmarks)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DataConfig(_Strict):
+    store: Path
+    windows: list[str] = Field(default_factory=lambda: ["abdomen", "lung"])
+    image_size: int = Field(224, ge=16)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    lesion_context: tuple[float, float] = (1.5, 4.0)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value):
+        resolve_windows(value)
+        return value
+
+
+class ModelConfig(_Strict):
+    encoder: str
+    encoder_kwargs: dict = Field(default_factory=dict)
+    dim: int = Field(256, ge=8)
+    mlp_dim: int = Field(4096, ge=8)
+    projector_layers: int | None = Field(None, ge=1, description="default: 3 for ViT, 2 otherwise")
+    predictor_layers: int = Field(2, ge=1)
+    mlp_norm: Literal["batchnorm", "none"] = "batchnorm"
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, value):
+        if value not in list_encoders("slice"):
+            raise ValueError(f"unknown slice encoder {value!r}; one of {list_encoders('slice')}")
+        return value
+
+
+class MethodConfig(_Strict):
+    name: Literal["moco", "lecl"]
+    lam: float = Field(0.0, ge=0, description="LeCL weight of the key-slice term (paper: 0, 1, 3, 5)")
+    loss_variant: Literal["paper", "public"] = "paper"
+    tau: float = Field(0.2, gt=0)
+    momentum: float = Field(0.99, ge=0, lt=1)
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw", "lars"] = "adamw"
+    lr: float = Field(1e-4, gt=0, description="base learning rate per 256 images; scaled by batch_size / 256")
+    weight_decay: float = Field(0.1, ge=0)
+    batch_size: int = Field(2048, ge=2, description="global batch over all ranks")
+    amp: bool = True
+
+
+class PretrainConfig(_Strict):
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    method: MethodConfig
+    optim: OptimConfig
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.run.warmup_epochs >= self.run.epochs:
+            raise ValueError("run.warmup_epochs must be smaller than run.epochs")
+        if self.method.name == "moco" and self.method.lam:
+            raise ValueError("method.lam applies to lecl only")
+        return self
+
+    @property
+    def scaled_lr(self) -> float:
+        return self.optim.lr * self.optim.batch_size / 256
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, model=PretrainConfig):
+    """Read YAML, apply `key.sub=value` overrides (values parsed as YAML), validate; relative paths in
+    the file are resolved against the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: use key.sub=value")
+        key, value = item.split("=", 1)
+        _set(data, key, yaml.safe_load(value))
+    try:
+        config = model.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: invalid config\n{problems}") from exc
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config, base: Path):
+    for section in config.__class__.model_fields:
+        part = getattr(config, section)
+        if isinstance(part, BaseModel):
+            for name in part.__class__.model_fields:
+                value = getattr(part, name)
+                if isinstance(value, Path) and not value.is_absolute():
+                    setattr(part, name, (base / value).resolve())
+    return config

@@ -1,0 +1,84 @@
+"""Generic CT (DICOM folders, NIfTI, NRRD) into the slice store, through the engine's reader.
+
+Cohort CSV: `path` (required), `case_id` and `patient_id` (optional; default: the file or folder
+name). Optional key-slice table in DeepLesion style, as the Slicer module exports it: `case_id`,
+`key_slice_index`, `x1`, `y1`, `x2`, `y2` (pixels of the canonical axial slice), `lesion_type`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from CLEARLib.io import read_ct
+
+from .store import SliceRecord, SliceStoreWriter
+
+log = logging.getLogger(__name__)
+
+
+def read_cohort(path: str | os.PathLike) -> pd.DataFrame:
+    cohort = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "path" not in cohort:
+        raise ValueError(f"{path}: a cohort table needs a 'path' column")
+    base = Path(path).parent
+    cohort["path"] = [str(p if Path(p).is_absolute() else base / p) for p in cohort.path]
+    names = [Path(p).name.split(".")[0] for p in cohort.path]
+    given = cohort["case_id"] if "case_id" in cohort else [""] * len(cohort)
+    cohort["case_id"] = [c or n for c, n in zip(given, names, strict=True)]
+    given = cohort["patient_id"] if "patient_id" in cohort else [""] * len(cohort)
+    cohort["patient_id"] = [p or c for p, c in zip(given, cohort.case_id, strict=True)]
+    if cohort.case_id.duplicated().any():
+        raise ValueError(
+            f"{path}: case_id values must be unique: {sorted(cohort.case_id[cohort.case_id.duplicated()])}"
+        )
+    return cohort
+
+
+def prepare_ct(
+    cohort_csv: str | os.PathLike,
+    out: str | os.PathLike,
+    key_slices_csv: str | os.PathLike | None = None,
+    size: int = 512,
+    shard_slices: int = 1024,
+) -> dict:
+    cohort = read_cohort(cohort_csv)
+    lesions = defaultdict(list)
+    if key_slices_csv:
+        keys = pd.read_csv(key_slices_csv, dtype={"case_id": str})
+        for row in keys.itertuples():
+            lesions[(row.case_id, int(row.key_slice_index))].append(
+                ((row.x1, row.y1, row.x2, row.y2), int(getattr(row, "lesion_type", -1)))
+            )
+    writer = SliceStoreWriter(out, size=size, shard_slices=shard_slices, source=f"CT cohort {cohort_csv}")
+    failures, used = [], 0
+    for case in cohort.itertuples():
+        try:
+            volume = read_ct(case.path)
+        except Exception as exc:  # report and carry on with the other cases
+            failures.append({"case_id": case.case_id, "error": str(exc)})
+            log.warning("%s: skipped (%s)", case.path, exc)
+            continue
+        z = volume.slice_positions_mm
+        records = []
+        for k in range(volume.shape[0]):
+            found = lesions.get((case.case_id, k), [])
+            records.append(
+                SliceRecord(
+                    case_id=case.case_id,
+                    patient_id=case.patient_id,
+                    slice_index=k,
+                    z_mm=float(z[k]),
+                    spacing=tuple(volume.spacing),
+                    boxes=[b for b, _ in found],
+                    lesion_types=[t for _, t in found],
+                )
+            )
+        writer.add_case(volume.hu, records)
+        used += 1
+    writer.close()
+    return {"cases": used, "failures": failures, "store": str(out)}

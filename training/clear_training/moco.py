@@ -1,0 +1,80 @@
+"""MoCo v3 model for slice encoders: base encoder + projector + predictor, momentum encoder + projector.
+
+Tensor names: `base_encoder.*` is exactly the engine encoder (so the engine's MoCo converter exports
+it), `base_projector.*`, `predictor.*`, `momentum_encoder.*`, `momentum_projector.*`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from CLEARLib.models import create_encoder
+
+
+def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool, norm: str) -> nn.Sequential:
+    """MoCo v3's MLP: Linear (no bias) -> BN -> ReLU between layers; a last BN without affine if asked.
+
+    norm="none" drops the batch norms (for CPU multi-process runs, where SyncBN is unavailable).
+    """
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else mlp_dim
+        d_out = out_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            if norm == "batchnorm":
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn and norm == "batchnorm":
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class MoCo(nn.Module):
+    def __init__(
+        self,
+        encoder: str,
+        encoder_kwargs: dict | None = None,
+        dim: int = 256,
+        mlp_dim: int = 4096,
+        projector_layers: int | None = None,
+        predictor_layers: int = 2,
+        mlp_norm: str = "batchnorm",
+    ):
+        super().__init__()
+        self.base_encoder = create_encoder(encoder, **(encoder_kwargs or {}))
+        width = self.base_encoder.num_features
+        if projector_layers is None:
+            projector_layers = 3 if encoder.startswith("vit") else 2  # as MoCo v3 for ViT and for CNNs
+        self.base_projector = build_mlp(projector_layers, width, mlp_dim, dim, last_bn=True, norm=mlp_norm)
+        self.predictor = build_mlp(predictor_layers, dim, mlp_dim, dim, last_bn=False, norm=mlp_norm)
+        self.momentum_encoder = copy.deepcopy(self.base_encoder)
+        self.momentum_projector = copy.deepcopy(self.base_projector)
+        for p in (*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()):
+            p.requires_grad = False
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        pairs = (
+            (self.base_encoder, self.momentum_encoder),
+            (self.base_projector, self.momentum_projector),
+        )
+        for base, momentum in pairs:
+            for pb, pm in zip(base.parameters(), momentum.parameters(), strict=True):
+                pm.mul_(m).add_(pb.detach(), alpha=1 - m)
+
+    def forward(self, x1, x2, y1, y2, m: float):
+        """Queries from the base branch on x1, x2; keys from the momentum branch on y1, y2.
+
+        For MoCo y = x; for LeCL key slices, y are lesion-centred crops and x full slices.
+        """
+        q1 = self.predictor(self.base_projector(self.base_encoder(x1)))
+        q2 = self.predictor(self.base_projector(self.base_encoder(x2)))
+        with torch.no_grad():
+            self.update_momentum(m)
+            k1 = self.momentum_projector(self.momentum_encoder(y1))
+            k2 = self.momentum_projector(self.momentum_encoder(y2))
+        return q1, q2, k1, k2
