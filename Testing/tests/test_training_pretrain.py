@@ -306,3 +306,18 @@ def test_shipped_configs_reproduce_the_paper():
             assert config.run.epochs == 100 and config.run.warmup_epochs == 10 and config.optim.lr == 1e-4
             assert config.optim.batch_size == (1024 if config.model.encoder.startswith("vit") else 2048)
     assert sys.version_info >= (3, 11)
+
+
+def test_crop_grid_equals_affine_grid():
+    import torch.nn.functional as F
+
+    from clear_training.augment import _crop_grid
+
+    boxes = torch.tensor([[0.1, -0.2, 0.5, 0.7], [0.0, 0.0, 1.0, 1.0], [-0.3, 0.4, 0.2, 0.9]])
+    hflip, vflip = torch.tensor([True, False, True]), torch.tensor([False, True, True])
+    theta = torch.zeros(3, 2, 3)
+    theta[:, 0, 0] = boxes[:, 2] * torch.where(hflip, -1.0, 1.0)
+    theta[:, 1, 1] = boxes[:, 3] * torch.where(vflip, -1.0, 1.0)
+    theta[:, :, 2] = boxes[:, :2]
+    expected = F.affine_grid(theta, [3, 1, 9, 9], align_corners=False)
+    torch.testing.assert_close(_crop_grid(boxes, hflip, vflip, 9), expected)

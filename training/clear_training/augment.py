@@ -1,10 +1,10 @@
 """Contrastive views made on batched tensors (on the GPU when present), not per image in PIL.
 
 Input: a batch of HU slices [B, H, W] (int16 from the slice store) with a window per sample.
-Geometry (random resized crop, flips, and LeCL's lesion-centred crop) is one affine grid per sample,
-applied by a single `grid_sample` to the whole batch; intensity augmentations are per-sample
-tensors broadcast over the batch. All randomness comes from an explicit `torch.Generator`, so a
-step can be replayed exactly on resume.
+Geometry (random resized crop, flips, and LeCL's lesion-centred crop) is one sampling grid per sample,
+applied by `grid_sample` to the whole batch (from a 2x pooled level when a crop shrinks, against
+aliasing); intensity augmentations are per-sample tensors broadcast over the batch. All randomness
+comes from an explicit `torch.Generator`, so a step can be replayed exactly on resume.
 """
 
 from __future__ import annotations
@@ -65,67 +65,108 @@ def lesion_boxes(boxes_px: torch.Tensor, image_hw: tuple[int, int], cfg: ViewCon
     return torch.stack([cx, cy, side / w, side / h], dim=1)
 
 
-def _affine(boxes: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor) -> torch.Tensor:
-    theta = torch.zeros(len(boxes), 2, 3, device=boxes.device)
-    theta[:, 0, 0] = boxes[:, 2] * torch.where(hflip, -1.0, 1.0)
-    theta[:, 1, 1] = boxes[:, 3] * torch.where(vflip, -1.0, 1.0)
-    theta[:, 0, 2] = boxes[:, 0]
-    theta[:, 1, 2] = boxes[:, 1]
-    return theta
+def _crop_grid(boxes: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, size: int) -> torch.Tensor:
+    """Sampling grid [n, size, size, 2] of axis-aligned crops. Equivalent to affine_grid with a
+    scale-and-shift matrix, built by broadcasting because x depends on the column only and y on the row."""
+    base = (torch.arange(size, device=boxes.device, dtype=torch.float32) * 2 + 1) / size - 1
+    sx = boxes[:, 2] * torch.where(hflip, -1.0, 1.0)
+    sy = boxes[:, 3] * torch.where(vflip, -1.0, 1.0)
+    gx = boxes[:, 0, None] + sx[:, None] * base[None]  # [n, size] over columns
+    gy = boxes[:, 1, None] + sy[:, None] * base[None]  # [n, size] over rows
+    n = len(boxes)
+    return torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable Gaussian blur of [B, 1, H, W] as one grouped convolution per axis."""
-    radius = int(math.ceil(3 * float(sigma.max())))
+# Gaussian-blur strengths are quantised to a few levels so that each level is one shared separable
+# kernel over its samples (mkldnn's fast path), instead of a grouped convolution with a kernel per sample.
+_BLUR_LEVELS = 6
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [n, 1, H, W] with one sigma (pixels), replicate-padded."""
+    radius = max(1, int(math.ceil(3 * sigma)))
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernels = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None] ** 2))
-    kernels = kernels / kernels.sum(1, keepdim=True)  # [B, K]
-    b = x.shape[0]
-    y = x.reshape(1, b, *x.shape[2:])
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernels.view(b, 1, 1, -1), groups=b)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernels.view(b, 1, -1, 1), groups=b)
-    return y.reshape_as(x)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+
+
+class SlicePyramid:
+    """A batch of HU slices prepared once for all its views: full resolution and a 2x average-pooled
+    level (the anti-aliasing source for crops that shrink by 1.5x or more), as HU + 1024 so that
+    grid_sample's zero padding is air."""
+
+    def __init__(self, hu: torch.Tensor):
+        full = hu.float().unsqueeze(1)
+        full += 1024.0
+        self.levels = [full, F.avg_pool2d(full, 2)]
+        self.shape = tuple(hu.shape[-2:])
+        self.device = hu.device
+
+    def __len__(self) -> int:
+        return self.levels[0].shape[0]
+
+    def sample(self, grid: torch.Tensor, zoom: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """HU + 1024 sampled at `grid` ([n, h, w, 2]) for slices `index` (all when None)."""
+        out = grid.new_empty(grid.shape[0], 1, *grid.shape[1:3])
+        coarse = zoom >= 1.5
+        for level, take in ((0, ~coarse), (1, coarse)):
+            if bool(take.any()):
+                source = self.levels[level] if index is None else self.levels[level][index]
+                out[take] = F.grid_sample(
+                    source[take], grid[take], mode="bilinear", padding_mode="zeros", align_corners=False
+                )
+        return out
 
 
 def make_views(
-    hu: torch.Tensor,
+    slices: torch.Tensor | SlicePyramid,
     window_bounds: torch.Tensor,
     cfg: ViewConfig,
     generator: torch.Generator,
     boxes: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One augmented view per slice: [B, 3, size, size], normalised.
+    """One augmented view per slice: [n, 3, size, size], normalised.
 
-    hu: [B, H, W] HU slices; window_bounds: [B, 2] (low, high) per sample; boxes: optional [B, 4]
-    normalised crop boxes (defaults to random resized crops), e.g. from `lesion_boxes`.
+    slices: [B, H, W] HU, or a `SlicePyramid` made once for several views of the same batch;
+    window_bounds: [n, 2] (low, high) per view; boxes: optional [n, 4] normalised crop boxes (default:
+    random resized crops), e.g. from `lesion_boxes`; index: which slices of the batch to use (all).
+    Geometry is applied to HU, then the (jittered) window: interpolating before windowing, as a
+    scanner's reconstruction would.
     """
-    device = hu.device
-    n = hu.shape[0]
+    pyramid = slices if isinstance(slices, SlicePyramid) else SlicePyramid(slices)
+    device = pyramid.device
+    if index is not None and index.dtype == torch.bool:
+        index = index.nonzero().flatten()
+    n = len(pyramid) if index is None else len(index)
+    if boxes is None:
+        boxes = random_resized_boxes(n, cfg, generator, device)
+    hflip = torch.rand(n, generator=generator, device=device) < cfg.hflip
+    vflip = torch.rand(n, generator=generator, device=device) < cfg.vflip
+    grid = _crop_grid(boxes, hflip, vflip, cfg.size)
+    zoom = boxes[:, 2:].max(dim=1).values * max(pyramid.shape) / cfg.size
+    x = pyramid.sample(grid, zoom, index) - 1024.0  # HU
     low, high = window_bounds[:, 0].float(), window_bounds[:, 1].float()
     width = high - low
     shift = _uniform(n, -cfg.window_jitter, cfg.window_jitter, generator, device) * width
     scale = 1 + _uniform(n, -cfg.window_jitter, cfg.window_jitter, generator, device)
     low_j = low + shift - (scale - 1) * width / 2
     width_j = width * scale
-    x = ((hu.float() - low_j[:, None, None]) / width_j[:, None, None]).clamp(0, 1).unsqueeze(1)
-    if boxes is None:
-        boxes = random_resized_boxes(n, cfg, generator, device)
-    hflip = torch.rand(n, generator=generator, device=device) < cfg.hflip
-    vflip = torch.rand(n, generator=generator, device=device) < cfg.vflip
-    grid = F.affine_grid(_affine(boxes, hflip, vflip), [n, 1, cfg.size, cfg.size], align_corners=False)
-    # Downsampling crops alias without a low-pass first; a mild blur matched to the zoom avoids it.
-    zoom = min(hu.shape[-2:]) * float(boxes[:, 2:].mean()) / cfg.size
-    if zoom > 1.5:
-        x = _gaussian_blur(x, torch.full((n,), 0.5 * zoom, device=device))
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = ((x - low_j.view(-1, 1, 1, 1)) / width_j.view(-1, 1, 1, 1)).clamp(0, 1)
     contrast = 1 + _uniform(n, -cfg.contrast, cfg.contrast, generator, device)
-    x = ((x - 0.5) * contrast[:, None, None, None] + 0.5).clamp(0, 1)
+    x = ((x - 0.5) * contrast.view(-1, 1, 1, 1) + 0.5).clamp(0, 1)
     gamma = torch.exp(_uniform(n, -cfg.gamma, cfg.gamma, generator, device))
-    x = x.clamp_min(1e-6) ** gamma[:, None, None, None]
+    x = x.clamp_min(1e-6) ** gamma.view(-1, 1, 1, 1)
     blur = torch.rand(n, generator=generator, device=device) < cfg.blur_p
-    if bool(blur.any()):
-        sigma = _uniform(n, *cfg.blur_sigma, generator, device)
-        x = torch.where(blur[:, None, None, None], _gaussian_blur(x, sigma), x)
+    sigma = _uniform(n, *cfg.blur_sigma, generator, device)
+    levels = torch.linspace(*cfg.blur_sigma, _BLUR_LEVELS, device=device)
+    level = torch.bucketize(sigma, (levels[1:] + levels[:-1]) / 2)
+    for j in range(_BLUR_LEVELS):
+        take = blur & (level == j)
+        if bool(take.any()):
+            x[take] = _gaussian_blur(x[take], float(levels[j]))
     if cfg.noise_std:
         noise = torch.randn(x.shape, generator=generator, device=device) * cfg.noise_std
         x = (x + noise).clamp(0, 1)

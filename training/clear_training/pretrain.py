@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from CLEARLib.preprocess import resolve_windows
 
-from .augment import ViewConfig, lesion_boxes, make_views, random_resized_boxes
+from .augment import SlicePyramid, ViewConfig, lesion_boxes, make_views, random_resized_boxes
 from .config import PretrainConfig
 from .data.store import SliceStore
 from .distributed import DistInfo, all_reduce_mean, init_distributed
@@ -58,7 +58,7 @@ class Batcher:
     def __call__(self, rows: np.ndarray, seed: int):
         generator = torch.Generator(device=self.device).manual_seed(seed)
         cpu_generator = torch.Generator().manual_seed(seed)
-        hu = self.store.slices(rows).to(self.device, non_blocking=True)
+        hu = SlicePyramid(self.store.slices(rows).to(self.device, non_blocking=True))
         n = len(rows)
         window = torch.randint(len(self.windows), (n,), generator=generator, device=self.device)
         bounds = self.bounds[window]  # one window per slice, shared by its views
@@ -81,7 +81,7 @@ class Batcher:
             for _ in range(2):  # the momentum encoder sees lesion-centred crops of key slices
                 lesion = self.store.lesion_box(key_rows, cpu_generator)
                 boxes = lesion_boxes(lesion, (self.store.size, self.store.size), self.view, generator, self.device)
-                crops.append(make_views(hu[is_key], bounds[is_key], self.view, generator, boxes))
+                crops.append(make_views(hu, bounds[is_key], self.view, generator, boxes, index=is_key))
             y1, y2 = x1.clone(), x2.clone()
             y1[is_key], y2[is_key] = crops
         return x1, x2, y1, y2, is_key
