@@ -1,6 +1,12 @@
 """Preprocessing: HU windows and lazy slice instances for 2D encoders; FMCIB lesion patches for the 3D encoder."""
 
-from .lesion import extract_lesion_patch, extract_lesion_patch_whole_volume, normalize_hu, seed_to_lps
+from .lesion import (
+    extract_lesion_patch,
+    extract_lesion_patch_whole_volume,
+    lesion_patch_centre,
+    normalize_hu,
+    seed_to_lps,
+)
 from .slices import WINDOWS, InputSpec, InstanceBatch, SliceInstances, Window, resolve_window, resolve_windows
 
 __all__ = [
@@ -11,6 +17,7 @@ __all__ = [
     "Window",
     "extract_lesion_patch",
     "extract_lesion_patch_whole_volume",
+    "lesion_patch_centre",
     "normalize_hu",
     "resolve_window",
     "resolve_windows",

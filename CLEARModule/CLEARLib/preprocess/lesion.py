@@ -71,6 +71,15 @@ def _check_seed_inside(volume: CTVolume, seed_lps: np.ndarray, source) -> None:
         )
 
 
+def lesion_patch_centre(volume: CTVolume, seed, coord: str = "LPS", size: int = 50, spacing_mm: float = 1.0):
+    """LPS centre (mm) of the patch `extract_lesion_patch` takes at this seed. The seed lies in patch
+    voxel 25 (of 0..49) at its fractional grid position, so the centre (between voxels 24 and 25) is
+    0.5 to 1.5 voxels from the seed along each axis."""
+    _, to_lps = _grid(volume, spacing_mm)
+    start = _patch_start(volume, seed_to_lps(seed, coord), size, spacing_mm)
+    return volume.origin + to_lps @ (start + (size - 1) / 2)
+
+
 def extract_lesion_patch(
     volume: CTVolume, seed, coord: str = "LPS", size: int = 50, spacing_mm: float = 1.0
 ) -> np.ndarray:

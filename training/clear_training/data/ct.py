@@ -51,6 +51,8 @@ def prepare_ct(
     if key_slices_csv:
         keys = pd.read_csv(key_slices_csv, dtype={"case_id": str})
         for row in keys.itertuples():
+            if any(pd.isna(v) for v in (row.x1, row.y1, row.x2, row.y2)):
+                continue  # a key slice marked without a lesion box: nothing to centre a crop on
             lesions[(row.case_id, int(row.key_slice_index))].append(
                 ((row.x1, row.y1, row.x2, row.y2), int(getattr(row, "lesion_type", -1)))
             )

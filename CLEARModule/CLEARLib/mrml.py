@@ -1,0 +1,374 @@
+"""MRML glue: everything the CLEAR module does to a Slicer scene, as functions on MRML nodes.
+
+Needs only the `slicer` MRML API (real Slicer, or the `slicer-core` wheel headless); never qt.
+`CLEAR.py` wires widgets to these calls, and the tests run them on real MRML nodes.
+
+Coordinates: Slicer works in RAS, files and the engine in LPS; RAS = (-L, -P, S). An axial slice
+view's offset is the S coordinate of its plane, which is also each slice's `z_mm`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import slicer
+import vtk
+
+from .errors import CLEARInputError
+from .io import CTVolume
+from .preprocess.lesion import lesion_patch_centre
+
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LAYOUT_ID = 20251  # CLEAR's custom layout: slice views beside the attention plot
+LAYOUT_XML = """
+<layout type="horizontal" split="true">
+ <item splitSize="600">
+  <layout type="vertical">
+   <item><view class="vtkMRMLSliceNode" singletontag="Red">
+    <property name="orientation" action="default">Axial</property>
+    <property name="viewlabel" action="default">R</property>
+    <property name="viewcolor" action="default">#F34A33</property></view></item>
+   <item><layout type="horizontal">
+    <item><view class="vtkMRMLSliceNode" singletontag="Yellow">
+     <property name="orientation" action="default">Sagittal</property>
+     <property name="viewlabel" action="default">Y</property>
+     <property name="viewcolor" action="default">#EDD54C</property></view></item>
+    <item><view class="vtkMRMLSliceNode" singletontag="Green">
+     <property name="orientation" action="default">Coronal</property>
+     <property name="viewlabel" action="default">G</property>
+     <property name="viewcolor" action="default">#6EB04B</property></view></item>
+   </layout></item>
+  </layout>
+ </item>
+ <item splitSize="400"><view class="vtkMRMLPlotViewNode" singletontag="CLEARPlot">
+  <property name="viewlabel" action="default">P</property></view></item>
+</layout>
+"""
+
+
+def _matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix(array: np.ndarray):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+# ------------------------------------------------------------------------------------ volumes
+def volume_from_node(node) -> CTVolume:
+    """A scalar volume node as a canonical `CTVolume` (IJK-to-RAS, flips and permutations included)."""
+    if node is None or node.GetImageData() is None:
+        raise CLEARInputError("the volume node has no image data", getattr(node, "GetName", lambda: None)())
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    ijk_to_lps = _RAS_FROM_LPS @ _matrix(ijk_to_ras)  # the same diagonal maps RAS to LPS
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    direction = ijk_to_lps[:3, :3] / spacing
+    hu = slicer.util.arrayFromVolume(node)  # [k, j, i]
+    meta = {"source": f"Slicer volume node {node.GetName()}", "node_id": node.GetID()}
+    return CTVolume.from_array(hu, spacing, ijk_to_lps[:3, 3], direction, meta=meta, source=node.GetName())
+
+
+def node_from_volume(volume: CTVolume, scene, name: str = "CT", array: np.ndarray | None = None, node=None):
+    """A scalar volume node holding `array` (default: the HU) on the volume's voxel grid."""
+    node = node or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(_vtk_matrix(volume.ijk_to_ras_matrix))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.hu if array is None else array))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+# ------------------------------------------------------------------------------------ results
+def _table_node(scene, name: str, node=None):
+    node = node or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    node.RemoveAllColumns()
+    return node
+
+
+def _fill_table(node, frame: pd.DataFrame) -> None:
+    for column in frame.columns:
+        values = frame[column].to_numpy()
+        if values.dtype.kind in "fiub":
+            array = vtk.vtkDoubleArray()
+            for v in values.astype(float):
+                array.InsertNextValue(v)
+        else:
+            array = vtk.vtkStringArray()
+            for v in values:
+                array.InsertNextValue(str(v))
+        array.SetName(str(column))
+        node.AddColumn(array)
+    node.Modified()
+
+
+def results_to_table(result, scene, node=None, name: str = "CLEAR predictions"):
+    """label, probability rows in a table node."""
+    node = _table_node(scene, name, node)
+    _fill_table(node, pd.DataFrame({"label": result.labels, "probability": list(result.probabilities.values())}))
+    return node
+
+
+@dataclass
+class AttentionPlot:
+    """Node IDs of the attention plot: table, one series per window, the current-slice marker."""
+
+    table_id: str
+    chart_id: str
+    series_ids: dict[str, str]
+    marker_table_id: str
+    marker_series_id: str
+    slice_index: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, int))
+    z_mm: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+def attention_wide(result) -> pd.DataFrame:
+    """One row per slice: slice_index, z_mm, and one attention column per window."""
+    wide = result.attention.pivot_table(index=["slice_index", "z_mm"], columns="window", values="attention", sort=True)
+    wide.columns = [f"attention_{w}" for w in wide.columns]
+    return wide.reset_index()
+
+
+def attention_to_plot(result, scene, title: str = "CLEAR attention") -> AttentionPlot:
+    """Attention table, a plot series per window against slice position (mm), a chart, and a marker."""
+    wide = attention_wide(result)
+    table = _table_node(scene, f"{title} table")
+    _fill_table(table, wide)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", title)
+    chart.SetTitle(title)
+    chart.SetXAxisTitle("slice position S (mm)")
+    chart.SetYAxisTitle("attention")
+    colors = [(0.2, 0.4, 0.9), (0.9, 0.25, 0.2), (0.2, 0.7, 0.3), (0.6, 0.3, 0.8)]
+    series_ids = {}
+    for i, column in enumerate(c for c in wide.columns if c.startswith("attention_")):
+        window = column[len("attention_") :]
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{window} window")
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName("z_mm")
+        series.SetYColumnName(column)
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+        series.SetColor(*colors[i % len(colors)])
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        series_ids[window] = series.GetID()
+    marker_table = _table_node(scene, f"{title} marker")
+    _fill_table(marker_table, pd.DataFrame({"z_mm": [0.0, 0.0], "attention": [0.0, 0.0]}))
+    marker = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "current slice")
+    marker.SetAndObserveTableNodeID(marker_table.GetID())
+    marker.SetXColumnName("z_mm")
+    marker.SetYColumnName("attention")
+    marker.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
+    marker.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+    marker.SetColor(0.1, 0.1, 0.1)
+    chart.AddAndObservePlotSeriesNodeID(marker.GetID())
+    return AttentionPlot(
+        table.GetID(),
+        chart.GetID(),
+        series_ids,
+        marker_table.GetID(),
+        marker.GetID(),
+        wide.slice_index.to_numpy(),
+        wide.z_mm.to_numpy(),
+    )
+
+
+def set_marker(plot: AttentionPlot, scene, z_mm: float) -> None:
+    """Move the current-slice marker (a vertical line from 0 to the highest attention) to z_mm."""
+    table = scene.GetNodeByID(plot.table_id)
+    peak = 0.0
+    for c in range(table.GetNumberOfColumns()):
+        name = table.GetColumnName(c)
+        if name.startswith("attention_"):
+            peak = max(peak, float(np.nanmax(slicer.util.arrayFromTableColumn(table, name))))
+    marker = scene.GetNodeByID(plot.marker_table_id)
+    table_data = marker.GetTable()
+    for row, y in enumerate((0.0, peak)):
+        table_data.SetValue(row, 0, vtk.vtkVariant(float(z_mm)))
+        table_data.SetValue(row, 1, vtk.vtkVariant(float(y)))
+    table_data.Modified()
+    marker.Modified()
+
+
+def slice_index_for_plot_point(plot: AttentionPlot, row: int) -> int:
+    """A clicked plot point (row of the attention table) to its slice index."""
+    return int(plot.slice_index[row])
+
+
+def show_plot(scene, plot: AttentionPlot, layout_node=None) -> None:
+    """Register CLEAR's layout (slice views beside a plot view), switch to it, and show the chart."""
+    if layout_node is not None:
+        if not layout_node.IsLayoutDescription(LAYOUT_ID):
+            layout_node.AddLayoutDescription(LAYOUT_ID, LAYOUT_XML)
+        layout_node.SetViewArrangement(LAYOUT_ID)
+    views = scene.GetNodesByClass("vtkMRMLPlotViewNode")
+    for i in range(views.GetNumberOfItems()):
+        views.GetItemAsObject(i).SetPlotChartNodeID(plot.chart_id)
+
+
+# ------------------------------------------------------------------------------ slice views
+def slice_offset(volume: CTVolume, slice_index: int) -> float:
+    """The axial slice view offset (S in mm) that shows slice `slice_index`."""
+    return float(volume.slice_positions_mm[int(slice_index)])
+
+
+def jump_to_slice(slice_node, volume: CTVolume, slice_index: int) -> None:
+    """Move a slice view (e.g. Red) so that it shows `slice_index`, keeping its in-plane position."""
+    if not 0 <= slice_index < volume.shape[0]:
+        raise IndexError(f"slice {slice_index} outside 0..{volume.shape[0] - 1}")
+    centre = volume.index_to_ras([slice_index, (volume.shape[1] - 1) / 2, (volume.shape[2] - 1) / 2])
+    slice_node.JumpSliceByOffsetting(*centre)
+
+
+def slice_index_of_view(slice_node, volume: CTVolume) -> int:
+    """The slice of `volume` nearest to a slice view's plane (clamped to the volume)."""
+    point = _matrix(slice_node.GetSliceToRAS())[:3, 3]
+    index = int(round(volume.ras_to_index(point)[0]))
+    return min(max(index, 0), volume.shape[0] - 1)
+
+
+def attention_overlay(volume: CTVolume, result, scene, window: str | None = None, node=None, name="CLEAR attention"):
+    """A volume on the CT's grid whose every voxel holds its slice's attention, scaled to 0..1
+    (the maximum over windows, or one window), for display as a heat map over the slice views."""
+    frame = result.attention if window is None else result.attention[result.attention.window == window]
+    per_slice = frame.groupby("slice_index").attention.max()
+    values = np.zeros(volume.shape[0], dtype=np.float32)
+    values[per_slice.index.to_numpy()] = per_slice.to_numpy()
+    if values.max() > 0:
+        values /= values.max()
+    array = np.broadcast_to(values[:, None, None], volume.shape).astype(np.float32)
+    node = node_from_volume(volume, scene, name, array=array, node=node)
+    display = node.GetDisplayNode()
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    rainbow = scene.GetNodeByID("vtkMRMLColorTableNodeRainbow")
+    if rainbow is not None:
+        display.SetAndObserveColorNodeID(rainbow.GetID())
+    return node
+
+
+def show_overlay(composite_nodes, overlay_node, visible: bool = True, opacity: float = 0.4) -> None:
+    """Put the overlay in the foreground of the given slice views, at `opacity` (0 when hidden)."""
+    for composite in composite_nodes:
+        composite.SetForegroundVolumeID(overlay_node.GetID() if overlay_node is not None else None)
+        composite.SetForegroundOpacity(float(opacity) if visible else 0.0)
+
+
+# ------------------------------------------------------------------------------------- lesion
+def seed_lps_from_markups(markups_node, index: int = 0) -> np.ndarray:
+    if markups_node is None or markups_node.GetNumberOfControlPoints() <= index:
+        raise CLEARInputError("place a seed point on the lesion first")
+    ras = [0.0, 0.0, 0.0]
+    markups_node.GetNthControlPointPositionWorld(index, ras)
+    return np.asarray(ras) * np.array([-1.0, -1.0, 1.0])
+
+
+def patch_roi(volume: CTVolume, seed, scene, coord: str = "LPS", size: int = 50, spacing_mm: float = 1.0, node=None):
+    """An ROI node outlining exactly the voxels of the lesion patch extracted at this seed."""
+    centre_lps = lesion_patch_centre(volume, seed, coord, size, spacing_mm)
+    # The patch's voxel centres span size - 1 mm; its voxels, and so the box, span size mm.
+    node = node or scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "CLEAR lesion patch")
+    node.SetCenterWorld(*(centre_lps * np.array([-1.0, -1.0, 1.0])))
+    node.SetSizeWorld(*(size * spacing_mm,) * 3)
+    return node
+
+
+# ---------------------------------------------------------------------------- key slices
+KEY_SLICE_COLUMNS = [
+    "case_id",
+    "key_slice_index",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "lesion_type",
+    "spacing_x",
+    "spacing_y",
+    "spacing_z",
+]
+
+
+class KeySliceAnnotations:
+    """Key slices and lesion boxes of one case, kept in a table node (saved with the scene) and
+    exported as the DeepLesion-style table that `clear-train prepare-ct --key-slices` reads."""
+
+    def __init__(self, scene, case_id: str, volume: CTVolume, node=None):
+        self.scene, self.case_id, self.volume = scene, case_id, volume
+        self.node = node or scene.AddNewNodeByClass("vtkMRMLTableNode", f"CLEAR key slices {case_id}")
+        if node is None:
+            self._store(self._typed(pd.DataFrame(columns=KEY_SLICE_COLUMNS)))
+
+    @staticmethod
+    def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+        """case_id as text, indices and types as integers, the rest as numbers (also when empty)."""
+        frame = frame[KEY_SLICE_COLUMNS].copy()
+        frame["case_id"] = frame.case_id.astype(str)
+        for column in KEY_SLICE_COLUMNS[1:]:
+            frame[column] = frame[column].astype(float)
+        for column in ("key_slice_index", "lesion_type"):
+            frame[column] = frame[column].astype(int)
+        return frame.reset_index(drop=True)
+
+    def frame(self) -> pd.DataFrame:
+        if self.node.GetNumberOfRows() == 0:
+            return self._typed(pd.DataFrame(columns=KEY_SLICE_COLUMNS))
+        return self._typed(slicer.util.dataframeFromTable(self.node))
+
+    def _store(self, frame: pd.DataFrame) -> None:
+        self.node.RemoveAllColumns()
+        _fill_table(self.node, self._typed(frame))
+
+    def _row(self, slice_index: int, box=(np.nan,) * 4, lesion_type: int = -1) -> dict:
+        sx, sy, sz = self.volume.spacing
+        return dict(
+            zip(KEY_SLICE_COLUMNS, [self.case_id, int(slice_index), *box, int(lesion_type), sx, sy, sz], strict=True)
+        )
+
+    def mark(self, slice_index: int) -> None:
+        frame = self.frame()
+        if not (frame.key_slice_index == slice_index).any():
+            self._store(pd.concat([frame, pd.DataFrame([self._row(slice_index)])], ignore_index=True))
+
+    def unmark(self, slice_index: int) -> None:
+        frame = self.frame()
+        self._store(frame[frame.key_slice_index != slice_index])
+
+    def is_marked(self, slice_index: int) -> bool:
+        return bool((self.frame().key_slice_index == slice_index).any())
+
+    def box_from_roi(self, roi_node) -> tuple[int, tuple[float, float, float, float]]:
+        """An ROI drawn on a slice, as (slice index, x1, y1, x2, y2 in pixels of that axial slice)."""
+        centre, size = [0.0] * 3, [0.0] * 3
+        roi_node.GetCenterWorld(centre)
+        roi_node.GetSizeWorld(size)
+        centre, half = np.asarray(centre), np.asarray(size) / 2
+        corners = np.array([centre + half * np.array([sx, sy, 0.0]) for sx in (-1, 1) for sy in (-1, 1)])
+        zyx = self.volume.ras_to_index(corners)
+        slice_index = int(round(self.volume.ras_to_index(centre)[0]))
+        x1, x2 = float(zyx[:, 2].min()), float(zyx[:, 2].max())
+        y1, y2 = float(zyx[:, 1].min()), float(zyx[:, 1].max())
+        return slice_index, (x1, y1, x2, y2)
+
+    def add_box(self, roi_node, lesion_type: int = -1) -> int:
+        """Add the lesion box of an ROI to its slice (marking the slice as key if needed)."""
+        slice_index, box = self.box_from_roi(roi_node)
+        if not 0 <= slice_index < self.volume.shape[0]:
+            raise CLEARInputError(f"the box lies outside the volume (slice {slice_index})")
+        frame = self.frame()
+        empty = (frame.key_slice_index == slice_index) & frame.x1.isna()
+        frame = frame[~empty]
+        row = pd.DataFrame([self._row(slice_index, box, lesion_type)])
+        self._store(pd.concat([frame, row], ignore_index=True))
+        return slice_index
+
+    def export(self, path: str | os.PathLike) -> str:
+        from .outputs import write_csv
+
+        frame = self.frame()
+        return str(write_csv(path, frame.sort_values("key_slice_index", kind="stable")))

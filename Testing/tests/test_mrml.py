@@ -1,0 +1,202 @@
+"""MRML glue on real MRML nodes (slicer-core, headless): volumes, results, plots, slice views, seeds, ROIs,
+overlays and key-slice export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML nodes) is needed for the glue tests")
+
+from CLEARLib import mrml  # noqa: E402
+from CLEARLib.inference import CasePredictor  # noqa: E402
+from CLEARLib.preprocess import extract_lesion_patch  # noqa: E402
+
+from ctfactory import relayout  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene  # slicer.util helpers use the global scene
+    yield scene
+    slicer.mrmlScene = previous
+
+
+def _node_from_layout(scene, layout, name="CT"):
+    """A volume node whose IJK-to-RAS is the layout's IJK-to-LPS with the first two rows negated."""
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = layout.direction * layout.spacing[None, :]
+    ijk_to_lps[:3, 3] = layout.origin
+    return slicer.util.addVolumeFromArray(
+        layout.array, ijkToRAS=np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps, name=name
+    )
+
+
+@pytest.mark.parametrize(
+    "perm,flip",
+    [((0, 1, 2), (False, False, False)), ((0, 1, 2), (True, False, True)), ((2, 0, 1), (False, True, False))],
+)
+def test_volume_node_to_ctvolume(scene, phantom, perm, flip):
+    volume, _ = phantom
+    node = _node_from_layout(scene, relayout(volume, perm, flip))
+    read = mrml.volume_from_node(node)
+    np.testing.assert_array_equal(read.hu, volume.hu)
+    np.testing.assert_allclose(read.origin, volume.origin, atol=1e-9)
+    np.testing.assert_allclose(read.spacing, volume.spacing)
+    np.testing.assert_allclose(read.direction, np.eye(3), atol=1e-12)
+
+
+def test_volume_node_round_trip_and_ras_points(scene, big_lesion_phantom):
+    volume, lesion = big_lesion_phantom
+    node = mrml.node_from_volume(volume, scene)
+    back = mrml.volume_from_node(node)
+    np.testing.assert_array_equal(back.hu, volume.hu)
+    # A lesion centre in RAS, through the node's own IJK-to-RAS, lands on a lesion voxel.
+    ras = np.asarray(lesion.center_lps) * [-1, -1, 1]
+    ras_to_ijk = slicer.vtkMatrix4x4() if hasattr(slicer, "vtkMatrix4x4") else __import__("vtk").vtkMatrix4x4()
+    node.GetRASToIJKMatrix(ras_to_ijk)
+    ijk = np.rint(np.array([ras_to_ijk.MultiplyPoint([*ras, 1.0])[:3]])[0]).astype(int)
+    assert slicer.util.arrayFromVolume(node)[ijk[2], ijk[1], ijk[0]] == lesion.hu
+
+
+def test_results_table_and_attention_plot(scene, phantom, tiny_case_bundle):
+    volume, _ = phantom
+    result = CasePredictor(tiny_case_bundle, device="cpu").predict(volume)
+    table = mrml.results_to_table(result, scene)
+    frame = slicer.util.dataframeFromTable(table)
+    assert list(frame.label) == ["liver", "lung", "bone"]
+    np.testing.assert_allclose(frame.probability, list(result.probabilities.values()))
+
+    plot = mrml.attention_to_plot(result, scene)
+    chart = scene.GetNodeByID(plot.chart_id)
+    assert set(plot.series_ids) == {"abdomen", "lung"}
+    assert chart.GetNumberOfPlotSeriesNodes() == 3  # two windows and the current-slice marker
+    series = scene.GetNodeByID(plot.series_ids["lung"])
+    assert series.GetXColumnName() == "z_mm" and series.GetYColumnName() == "attention_lung"
+    wide = slicer.util.dataframeFromTable(scene.GetNodeByID(plot.table_id))
+    assert len(wide) == volume.shape[0]
+    np.testing.assert_allclose(wide.z_mm, volume.slice_positions_mm)
+    lung = result.attention[result.attention.window == "lung"].sort_values("slice_index")
+    np.testing.assert_allclose(wide.attention_lung, lung.attention, rtol=1e-6)
+
+    mrml.set_marker(plot, scene, z_mm=float(volume.slice_positions_mm[7]))
+    marker = slicer.util.dataframeFromTable(scene.GetNodeByID(plot.marker_table_id))
+    assert list(marker.z_mm) == [volume.slice_positions_mm[7]] * 2
+    assert marker.attention.iloc[1] == pytest.approx(wide[["attention_abdomen", "attention_lung"]].max().max())
+    assert mrml.slice_index_for_plot_point(plot, 7) == 7
+
+    layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+    mrml.show_plot(scene, plot, layout)
+    assert layout.IsLayoutDescription(mrml.LAYOUT_ID) and layout.GetViewArrangement() == mrml.LAYOUT_ID
+    assert view.GetPlotChartNodeID() == plot.chart_id
+
+
+def _red_view(scene, volume_node):
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    red.SetLayoutName("Red")
+    red.SetOrientation("Axial")
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    composite.SetLayoutName("Red")
+    composite.SetBackgroundVolumeID(volume_node.GetID())
+    return red, composite
+
+
+def test_slice_index_to_red_view_and_back(scene, phantom):
+    volume, _ = phantom
+    stored = relayout(volume, (0, 1, 2), (False, False, True))  # stored superior to inferior
+    node = _node_from_layout(scene, stored)
+    read = mrml.volume_from_node(node)
+    red, _ = _red_view(scene, node)
+    logic = slicer.vtkMRMLSliceLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSliceNode(red)
+    for k in (0, 5, volume.shape[0] - 1):
+        mrml.jump_to_slice(red, read, k)
+        assert logic.GetSliceOffset() == pytest.approx(mrml.slice_offset(read, k))
+        assert mrml.slice_index_of_view(red, read) == k
+    logic.SetSliceOffset(mrml.slice_offset(read, 9) + 0.4 * volume.spacing[2])  # scrolled a bit past
+    assert mrml.slice_index_of_view(red, read) == 9
+    with pytest.raises(IndexError):
+        mrml.jump_to_slice(red, read, volume.shape[0])
+
+
+def test_attention_overlay_shares_the_ct_geometry(scene, phantom, tiny_case_bundle):
+    volume, _ = phantom
+    node = _node_from_layout(scene, relayout(volume, (0, 1, 2), (True, False, False)))
+    read = mrml.volume_from_node(node)
+    result = CasePredictor(tiny_case_bundle, device="cpu").predict(read)
+    overlay = mrml.attention_overlay(read, result, scene)
+    bounds_ct, bounds_overlay = [0.0] * 6, [0.0] * 6
+    node.GetRASBounds(bounds_ct)
+    overlay.GetRASBounds(bounds_overlay)
+    np.testing.assert_allclose(bounds_overlay, bounds_ct, atol=1e-6)
+    values = slicer.util.arrayFromVolume(overlay)
+    per_slice = result.attention.groupby("slice_index").attention.max().to_numpy()
+    np.testing.assert_allclose(values[:, 3, 4], per_slice / per_slice.max(), rtol=1e-5)
+    assert values.max() == pytest.approx(1.0)
+    composites = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    mrml.show_overlay(composites, overlay, visible=True, opacity=0.35)
+    assert all(c.GetForegroundVolumeID() == overlay.GetID() for c in composites)
+    assert composites[0].GetForegroundOpacity() == pytest.approx(0.35)
+    mrml.show_overlay(composites, overlay, visible=False, opacity=0.35)
+    assert composites[1].GetForegroundOpacity() == 0.0
+
+
+def test_markups_seed_and_patch_roi(scene, big_lesion_phantom):
+    volume, lesion = big_lesion_phantom
+    markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    ras = np.asarray(lesion.center_lps) * [-1, -1, 1]
+    markups.AddControlPointWorld(*ras)
+    seed = mrml.seed_lps_from_markups(markups)
+    np.testing.assert_allclose(seed, lesion.center_lps)
+    roi = mrml.patch_roi(volume, seed, scene)
+    centre, size = [0.0] * 3, [0.0] * 3
+    roi.GetCenterWorld(centre)
+    roi.GetSizeWorld(size)
+    assert size == pytest.approx([50.0] * 3)
+    # The seed sits in patch voxel 25 (0-based) of the 1 mm grid: 0.5 to 1.5 mm past the box centre.
+    offset_lps = (ras - np.asarray(centre)) * [-1, -1, 1]
+    assert np.all((offset_lps >= 0.5 - 1e-6) & (offset_lps < 1.5)), offset_lps
+    # The ROI's first voxel centre is the patch's voxel [0, 0, 0]: sample the CT there.
+    first_ras = np.asarray(centre) - np.array([-1, -1, 1]) * 24.5
+    patch = extract_lesion_patch(volume, seed)
+    hu_first = patch[0, 0, 0] * 3072 - 1024
+    zyx = np.rint(volume.ras_to_index(first_ras)).astype(int)
+    assert abs(hu_first - volume.hu[tuple(zyx)]) < 200  # same place (interpolated vs nearest voxel)
+    with pytest.raises(Exception, match="place a seed"):
+        mrml.seed_lps_from_markups(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode"))
+
+
+def test_key_slice_annotation_and_export(scene, big_lesion_phantom, tmp_path):
+    volume, lesion = big_lesion_phantom
+    notes = mrml.KeySliceAnnotations(scene, "case-7", volume)
+    notes.mark(3)
+    notes.mark(3)
+    notes.mark(10)
+    assert notes.is_marked(3) and notes.is_marked(10)
+    notes.unmark(10)
+    assert not notes.is_marked(10)
+    # A box drawn around the lesion on its slice.
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    ras = np.asarray(lesion.center_lps) * [-1, -1, 1]
+    roi.SetCenterWorld(*ras)
+    roi.SetSizeWorld(28.0, 28.0, 1.0)
+    k = notes.add_box(roi, lesion_type=4)
+    zyx = volume.lps_to_index(lesion.center_lps)
+    assert k == round(zyx[0])
+    path = notes.export(tmp_path / "key_slices.csv")
+    table = pd.read_csv(path)
+    assert list(table.columns) == mrml.KEY_SLICE_COLUMNS
+    assert list(table.key_slice_index) == [3, k]
+    box = table[table.key_slice_index == k].iloc[0]
+    half_x, half_y = 14.0 / volume.spacing[0], 14.0 / volume.spacing[1]
+    assert box.x1 == pytest.approx(zyx[2] - half_x, abs=1e-6) and box.x2 == pytest.approx(zyx[2] + half_x, abs=1e-6)
+    assert box.y1 == pytest.approx(zyx[1] - half_y, abs=1e-6) and box.y2 == pytest.approx(zyx[1] + half_y, abs=1e-6)
+    assert box.lesion_type == 4 and box.spacing_z == volume.spacing[2] and box.case_id == "case-7"
+    # The export is what pretraining reads: the box's pixels hold the lesion.
+    assert volume.hu[k, int(round((box.y1 + box.y2) / 2)), int(round((box.x1 + box.x2) / 2))] == lesion.hu
