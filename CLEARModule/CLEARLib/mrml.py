@@ -109,11 +109,17 @@ def _fill_table(node, frame: pd.DataFrame) -> None:
     node.Modified()
 
 
+def table_from_frame(scene, frame: pd.DataFrame, name: str, node=None):
+    """A table node holding a DataFrame (numbers as numbers, everything else as text)."""
+    node = _table_node(scene, name, node)
+    _fill_table(node, frame)
+    return node
+
+
 def results_to_table(result, scene, node=None, name: str = "CLEAR predictions"):
     """label, probability rows in a table node."""
-    node = _table_node(scene, name, node)
-    _fill_table(node, pd.DataFrame({"label": result.labels, "probability": list(result.probabilities.values())}))
-    return node
+    frame = pd.DataFrame({"label": result.labels, "probability": list(result.probabilities.values())})
+    return table_from_frame(scene, frame, name, node)
 
 
 @dataclass
