@@ -1,11 +1,39 @@
-"""CLEAR scripted module for 3D Slicer.
+"""CLEAR scripted module for 3D Slicer: patient-level predictions with an attention navigator, lesion
+predictions from a seed, key-slice annotation, and a batch API.
 
-The engine (`CLEARLib`) holds every behaviour; this file registers the module with Slicer. The
-widget (volume, model, Run, attention navigator, lesion seeds, key-slice annotation) is not part of
-this version yet.
+Every behaviour lives in CLEARLib (engine and MRML glue, tested headlessly); this file wires widgets
+to it. Inference runs in-process on a worker thread, polled by a timer so the GUI stays responsive;
+results touch the scene only when a run completes, so Cancel leaves the scene unchanged.
 """
 
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+LOCAL_BUNDLE = "Local bundle (folder or .zip)"
+LESION_TYPES = ["unlabelled", "bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft tissue", "pelvis"]
 
 
 class CLEAR(ScriptedLoadableModule):
@@ -16,10 +44,571 @@ class CLEAR(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["CLEAR developers"]
         self.parent.helpText = (
-            "Patient-level CT predictions from a frozen 2D slice encoder and attention-MIL, with the "
-            "per-slice attention shown beside the slice views, and 3D lesion predictions from a seed."
+            "Patient-level CT predictions from a frozen 2D slice encoder and attention-MIL, with the per-slice "
+            "attention drawn beside the slice views (click a point to jump to its slice), FMCIB-style lesion "
+            "predictions from a seed point with a stability estimate, and key-slice annotation for pretraining."
         )
         self.parent.acknowledgementText = (
-            "Methods: CLEAR (abnormality-driven representation learning for radiology imaging) and "
-            "FMCIB (foundation model for cancer imaging biomarkers, Pai et al.)."
+            "Methods: CLEAR (Abnormality-Driven Representation Learning for Radiology Imaging, MICCAI 2025) "
+            "and FMCIB (Pai et al., Foundation model for cancer imaging biomarkers, 2024)."
         )
+
+
+@parameterNodeWrapper
+class CLEARParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    bundlePath: Path
+    device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
+    topK: Annotated[int, WithinRange(1, 50)] = 5
+    showOverlay: bool = True
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
+    seed: vtkMRMLMarkupsFiducialNode
+    lesionBundlePath: Path
+    stability: Annotated[int, WithinRange(0, 500)] = 50
+    lesionBox: vtkMRMLMarkupsROINode
+    keySliceExportPath: Path
+
+
+def ensure_dependencies() -> bool:
+    """torch from the PyTorch extension; the rest with pip after one confirmation. Never at import."""
+    from CLEARLib.dependencies import missing_requirements, torch_available
+
+    if not torch_available():
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(
+                "CLEAR needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart "
+                "Slicer, and run CLEAR again."
+            )
+            return False
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+            return False
+    missing = missing_requirements()
+    if missing:
+        if not slicer.util.confirmOkCancelDisplay(
+            "CLEAR needs these Python packages, which will be installed now:\n\n" + "\n".join(missing)
+        ):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(missing)
+    return True
+
+
+class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self._pollJob)
+        self._caseResult = None
+        self._ctVolume = None
+        self._plot = None
+        self._overlayNode = None
+        self._annotations = None
+        self._observedSliceNode = None
+        self._plotClicksConnected = False
+
+    # ------------------------------------------------------------------------------- set-up
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLEAR.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CLEARLogic()
+
+        # Catalog names from the JSON alone: nothing that needs the Python requirements runs at set-up.
+        from CLEARLib.resources import extension_file
+
+        catalog = json.loads(extension_file("models.json").read_text())
+        names = [m["name"] for m in catalog.get("models", []) if m.get("kind") == "case"]
+        self.ui.modelComboBox.addItems(names + [LOCAL_BUNDLE])
+        self.ui.lesionTypeComboBox.addItems(LESION_TYPES)
+        self.ui.topSlicesTable.setColumnCount(4)
+        self.ui.topSlicesTable.setHorizontalHeaderLabels(["slice", "window", "z (mm)", "attention"])
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._updateButtons)
+        self.ui.runButton.connect("clicked(bool)", self.onRun)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.topSlicesTable.connect("cellDoubleClicked(int,int)", self.onTopSliceActivated)
+        self.ui.topKSpinBox.connect("valueChanged(int)", self._fillTopSlices)
+        self.ui.jumpToSliceButton.connect("clicked(bool)", self.onJumpToSelectedSlice)
+        self.ui.showOverlayCheckBox.connect("toggled(bool)", self.onOverlayChanged)
+        self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayChanged)
+        self.ui.showPatchButton.connect("clicked(bool)", self.onShowPatch)
+        self.ui.runLesionButton.connect("clicked(bool)", self.onRunLesion)
+        self.ui.markKeySliceButton.connect("clicked(bool)", self.onMarkKeySlice)
+        self.ui.unmarkKeySliceButton.connect("clicked(bool)", self.onUnmarkKeySlice)
+        self.ui.addBoxButton.connect("clicked(bool)", self.onAddBox)
+        self.ui.exportKeySlicesButton.connect("clicked(bool)", self.onExportKeySlices)
+        self.ui.seedPlaceWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.seedPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.onCancel()
+        self.removeObservers()
+        self._timer.stop()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event):
+        self.onCancel()
+        self.setParameterNode(None)
+        self._caseResult = self._plot = self._overlayNode = self._annotations = None
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, *_):
+        p = self._parameterNode
+        running = self._job is not None
+        local = self.ui.modelComboBox.currentText == LOCAL_BUNDLE
+        self.ui.modelPathLineEdit.setEnabled(local)
+        haveModel = (not local) or bool(p and p.bundlePath and str(p.bundlePath) not in ("", "."))
+        self.ui.runButton.enabled = bool(p and p.inputVolume) and haveModel and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.runLesionButton.enabled = bool(p and p.inputVolume and p.seed and p.lesionBundlePath) and not running
+        self.ui.showPatchButton.enabled = bool(p and p.inputVolume and p.seed)
+        haveCase = bool(p and p.inputVolume)
+        for button in (self.ui.markKeySliceButton, self.ui.unmarkKeySliceButton, self.ui.exportKeySlicesButton):
+            button.enabled = haveCase
+        self.ui.addBoxButton.enabled = haveCase and bool(p and p.lesionBox)
+
+    # ------------------------------------------------------------------------ case inference
+    def _bundleForRun(self):
+        if self.ui.modelComboBox.currentText == LOCAL_BUNDLE:
+            return str(self._parameterNode.bundlePath)
+        from CLEARLib.catalog import fetch, load_catalog
+
+        entry = load_catalog().entry(self.ui.modelComboBox.currentText)
+        with slicer.util.WaitCursor():
+            return str(fetch(entry, cache_dir=Path(slicer.app.cachePath) / "CLEAR", progress=self._setProgress))
+
+    def onRun(self):
+        if not ensure_dependencies():
+            return
+        with slicer.util.tryWithErrorDisplay("CLEAR could not start.", waitCursor=True):
+            bundle = self._bundleForRun()
+            self._ctVolume = self.logic.volumeFromNode(self._parameterNode.inputVolume)
+            self._startJob(
+                lambda progress, cancel: self.logic.predictCase(
+                    self._ctVolume, bundle, self._parameterNode.device, progress, cancel
+                ),
+                self._onCaseDone,
+            )
+
+    def _startJob(self, work, onDone):
+        """Run `work(progress, cancel)` on a worker thread; `onDone(result)` runs on the GUI thread."""
+        state = {"fraction": 0.0, "message": "starting", "result": None, "error": None, "done": False}
+        cancel = threading.Event()
+
+        def progress(fraction, message):
+            state["fraction"], state["message"] = fraction, message
+
+        def target():
+            try:
+                state["result"] = work(progress, cancel)
+            except Exception as exc:  # reported on the GUI thread
+                state["error"] = exc
+            finally:
+                state["done"] = True
+
+        self._job = {"state": state, "cancel": cancel, "onDone": onDone, "thread": threading.Thread(target=target)}
+        self._job["thread"].start()
+        self._timer.start()
+        self._updateButtons()
+
+    def _pollJob(self):
+        if self._job is None:
+            self._timer.stop()
+            return
+        state = self._job["state"]
+        self._setProgress(state["fraction"], state["message"])
+        if not state["done"]:
+            return
+        job, self._job = self._job, None
+        self._timer.stop()
+        job["thread"].join()
+        self._updateButtons()
+        from CLEARLib.errors import CLEARCancelled
+
+        if isinstance(state["error"], CLEARCancelled):
+            self._setProgress(0.0, "cancelled; the scene is unchanged")
+        elif state["error"] is not None:
+            self._setProgress(0.0, "failed")
+            slicer.util.errorDisplay(f"CLEAR failed: {state['error']}")
+        else:
+            with slicer.util.tryWithErrorDisplay("Could not show the results.", waitCursor=True):
+                job["onDone"](state["result"])
+
+    def _setProgress(self, fraction, message):
+        self.ui.progressBar.setValue(int(round(100 * fraction)))
+        self.ui.statusLabel.text = message
+
+    def onCancel(self):
+        if self._job is not None:
+            self._job["cancel"].set()
+            self.ui.statusLabel.text = "cancelling after the current batch..."
+
+    def _onCaseDone(self, result):
+        self._caseResult = result
+        p = self._parameterNode
+        shown = self.logic.showCaseResult(self._ctVolume, result, p.inputVolume, p.showOverlay, p.overlayOpacity)
+        self.ui.resultsTableView.setMRMLTableNode(shown["table"])
+        self._plot, self._overlayNode = shown["plot"], shown["overlay"]
+        self._fillTopSlices()
+        self._observeRedSlice()
+        self._connectPlotClicks()
+        self._setProgress(1.0, "done: " + ", ".join(f"{k} {v:.2f}" for k, v in result.probabilities.items()))
+
+    def _fillTopSlices(self, *_):
+        if self._caseResult is None:
+            return
+        top = self._caseResult.top_slices(self._parameterNode.topK)
+        table = self.ui.topSlicesTable
+        table.setRowCount(len(top))
+        for row, item in enumerate(top.itertuples()):
+            values = [str(item.slice_index), item.window, f"{item.z_mm:.1f}", f"{item.attention:.4f}"]
+            for col, text in enumerate(values):
+                table.setItem(row, col, qt.QTableWidgetItem(text))
+
+    # ------------------------------------------------------------------- navigation and overlay
+    def _redSliceNode(self):
+        return slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+
+    def _observeRedSlice(self):
+        if self._observedSliceNode is not None:
+            self.removeObserver(self._observedSliceNode, vtk.vtkCommand.ModifiedEvent, self.onRedSliceModified)
+        self._observedSliceNode = self._redSliceNode()
+        self.addObserver(self._observedSliceNode, vtk.vtkCommand.ModifiedEvent, self.onRedSliceModified)
+        self.onRedSliceModified()
+
+    def onRedSliceModified(self, *_):
+        if self._plot is None or self._ctVolume is None:
+            return
+        from CLEARLib import mrml
+
+        index = mrml.slice_index_of_view(self._redSliceNode(), self._ctVolume)
+        mrml.set_marker(self._plot, slicer.mrmlScene, mrml.slice_offset(self._ctVolume, index))
+
+    def _jumpTo(self, sliceIndex):
+        from CLEARLib import mrml
+
+        mrml.jump_to_slice(self._redSliceNode(), self._ctVolume, int(sliceIndex))
+
+    def onTopSliceActivated(self, row, column=0):
+        item = self.ui.topSlicesTable.item(row, 0)
+        if item is not None and self._ctVolume is not None:
+            self._jumpTo(int(item.text()))
+
+    def onJumpToSelectedSlice(self):
+        self.onTopSliceActivated(max(self.ui.topSlicesTable.currentRow(), 0))
+
+    def _connectPlotClicks(self):
+        """Clicks on plot points jump to slices; the plot view exists once CLEAR's layout is shown."""
+        layoutManager = slicer.app.layoutManager()
+        if self._plotClicksConnected or layoutManager is None or layoutManager.plotViewCount == 0:
+            return
+        layoutManager.plotWidget(0).plotView().connect(
+            "dataSelected(vtkStringArray*, vtkCollection*)", self.onPlotDataSelected
+        )
+        self._plotClicksConnected = True
+
+    def onPlotDataSelected(self, seriesIds, selections):
+        if self._plot is None:
+            return
+        from CLEARLib import mrml
+
+        for i in range(seriesIds.GetNumberOfValues()):
+            if seriesIds.GetValue(i) not in self._plot.series_ids.values():
+                continue  # the current-slice marker
+            points = selections.GetItemAsObject(i)
+            if points is not None and points.GetNumberOfValues() > 0:
+                self._jumpTo(mrml.slice_index_for_plot_point(self._plot, points.GetValue(0)))
+                return
+
+    def onOverlayChanged(self, *_):
+        if self._overlayNode is None:
+            return
+        from CLEARLib import mrml
+
+        composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
+        mrml.show_overlay(
+            composites, self._overlayNode, self.ui.showOverlayCheckBox.checked, self.ui.overlayOpacitySlider.value
+        )
+
+    # ------------------------------------------------------------------------------- lesion
+    def onShowPatch(self):
+        with slicer.util.tryWithErrorDisplay("Could not show the lesion patch.", waitCursor=True):
+            p = self._parameterNode
+            self.logic.showPatch(self.logic.volumeFromNode(p.inputVolume), p.seed)
+
+    def onRunLesion(self):
+        if not ensure_dependencies():
+            return
+        with slicer.util.tryWithErrorDisplay("CLEAR could not start the lesion model.", waitCursor=True):
+            p = self._parameterNode
+            volume = self.logic.volumeFromNode(p.inputVolume)
+            self.logic.showPatch(volume, p.seed)
+            seed, bundle, stability, device = p.seed, str(p.lesionBundlePath), p.stability, p.device
+            self._startJob(
+                lambda progress, cancel: self.logic.predictLesion(
+                    volume, seed, bundle, stability, device, progress, cancel
+                ),
+                self._onLesionDone,
+            )
+
+    def _onLesionDone(self, result):
+        lines = [f"{label}: {prob:.3f}" for label, prob in result.probabilities.items()] or ["features only"]
+        if result.stability:
+            lines.append(f"stability over {result.stability['n']} seeds (sd {result.stability['sd_mm']:.0f} mm):")
+            lines += [
+                f"  {k}: {result.stability['mean'][k]:.3f} +/- {result.stability['std'][k]:.3f}"
+                for k in result.stability["mean"]
+            ]
+        self.ui.lesionResultLabel.text = "\n".join(lines)
+        self._setProgress(1.0, "lesion done")
+
+    # ---------------------------------------------------------------------------- key slices
+    def _keySlices(self):
+        p = self._parameterNode
+        if self._annotations is None or self._annotations.case_id != p.inputVolume.GetName():
+            self._annotations = self.logic.keySliceAnnotations(p.inputVolume)
+        return self._annotations
+
+    def _currentSlice(self):
+        from CLEARLib import mrml
+
+        return mrml.slice_index_of_view(self._redSliceNode(), self._keySlices().volume)
+
+    def _showKeySliceCount(self):
+        frame = self._keySlices().frame()
+        self.ui.keySliceCountLabel.text = (
+            f"{frame.key_slice_index.nunique()} key slices, {frame.x1.notna().sum()} lesion boxes"
+        )
+
+    def onMarkKeySlice(self):
+        self._keySlices().mark(self._currentSlice())
+        self._showKeySliceCount()
+
+    def onUnmarkKeySlice(self):
+        self._keySlices().unmark(self._currentSlice())
+        self._showKeySliceCount()
+
+    def onAddBox(self):
+        with slicer.util.tryWithErrorDisplay("Could not add the lesion box.", waitCursor=True):
+            self._keySlices().add_box(self._parameterNode.lesionBox, self.ui.lesionTypeComboBox.currentIndex or -1)
+            self._showKeySliceCount()
+
+    def onExportKeySlices(self):
+        with slicer.util.tryWithErrorDisplay("Could not export the key slices.", waitCursor=True):
+            path = self._parameterNode.keySliceExportPath
+            if not path or str(path) in ("", "."):
+                path = Path(slicer.app.defaultScenePath) / f"{self._keySlices().case_id}_key_slices.csv"
+            written = self._keySlices().export(path)
+            self.ui.keySliceCountLabel.text = f"exported to {written}"
+
+
+class CLEARLogic(ScriptedLoadableModuleLogic):
+    """The module's logic, usable from Slicer's Python console; it delegates to CLEARLib."""
+
+    def getParameterNode(self):
+        return CLEARParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def volumeFromNode(volumeNode):
+        from CLEARLib import mrml
+
+        return mrml.volume_from_node(volumeNode)
+
+    @staticmethod
+    def predictCase(volume, bundle, device="auto", progress=None, cancel=None):
+        from CLEARLib.inference import CasePredictor
+
+        return CasePredictor(bundle, device=device).predict(volume, progress=progress, cancel=cancel)
+
+    @staticmethod
+    def showCaseResult(volume, result, volumeNode=None, showOverlay=True, overlayOpacity=0.4):
+        """Results table, attention plot beside the slice views, and the heat overlay."""
+        from CLEARLib import mrml
+
+        scene = slicer.mrmlScene
+        table = mrml.results_to_table(result, scene)
+        plot = mrml.attention_to_plot(result, scene)
+        layoutManager = slicer.app.layoutManager()
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode() if layoutManager else None
+        mrml.show_plot(scene, plot, layoutNode)
+        overlay = mrml.attention_overlay(volume, result, scene)
+        if volumeNode is not None:
+            slicer.util.setSliceViewerLayers(background=volumeNode)
+        composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
+        mrml.show_overlay(composites, overlay, showOverlay, overlayOpacity)
+        return {"table": table, "plot": plot, "overlay": overlay}
+
+    @staticmethod
+    def showPatch(volume, seedNode):
+        from CLEARLib import mrml
+
+        existing = slicer.mrmlScene.GetFirstNodeByName("CLEAR lesion patch")
+        return mrml.patch_roi(volume, mrml.seed_lps_from_markups(seedNode), slicer.mrmlScene, node=existing)
+
+    @staticmethod
+    def predictLesion(volume, seedNode_or_lps, bundle, stability=0, device="auto", progress=None, cancel=None):
+        from CLEARLib import mrml
+        from CLEARLib.inference import LesionPredictor
+
+        seed = seedNode_or_lps
+        if hasattr(seed, "GetNumberOfControlPoints"):
+            seed = mrml.seed_lps_from_markups(seed)
+        return LesionPredictor(bundle, device=device).predict(
+            volume, seed, coord="LPS", stability=stability, progress=progress, cancel=cancel
+        )
+
+    @staticmethod
+    def keySliceAnnotations(volumeNode):
+        from CLEARLib import mrml
+
+        volume = mrml.volume_from_node(volumeNode)
+        name = f"CLEAR key slices {volumeNode.GetName()}"
+        existing = slicer.mrmlScene.GetFirstNodeByName(name)
+        return mrml.KeySliceAnnotations(slicer.mrmlScene, volumeNode.GetName(), volume, node=existing)
+
+    @staticmethod
+    def runBatch(inputs, bundle, device="auto", progress=None, cancel=None):
+        """Python-console batch: volume nodes and/or CT paths -> predictions and attention tables."""
+        from CLEARLib.batch import run_batch
+
+        return run_batch(inputs, bundle, device=device, scene=slicer.mrmlScene, progress=progress, cancel=cancel)
+
+
+class CLEARTest(ScriptedLoadableModuleTest):
+    """The whole flow on a synthetic CT with small real bundles, inside Slicer."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_CaseLesionAndKeySliceFlow()
+
+    def _tinyBundles(self, folder):
+        import torch
+
+        from CLEARLib.bundle import save_bundle
+        from CLEARLib.models import ABMIL, LinearHead, create_encoder
+        from CLEARLib.preprocess import InputSpec
+
+        torch.manual_seed(0)
+        encoder = create_encoder("mambaout_femto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+        case = save_bundle(
+            os.path.join(folder, "case.zip"),
+            name="self-test case",
+            kind="case",
+            encoder=encoder,
+            head=ABMIL(32, 2, hidden_dim=32, attention_dim=16),
+            labels=["liver", "lung"],
+            task="multilabel",
+            windows=["abdomen", "lung"],
+            input_spec=InputSpec(size=32),
+        )
+        lesion_encoder = create_encoder(
+            "fmcib_resnet50", layers=(1, 1, 1, 1), block_inplanes=(4, 8, 8, 16), widen_factor=1.0
+        )
+        lesion = save_bundle(
+            os.path.join(folder, "lesion.zip"),
+            name="self-test lesion",
+            kind="lesion",
+            encoder=lesion_encoder,
+            head=LinearHead(lesion_encoder.num_features, 2),
+            labels=["benign", "malignant"],
+            task="multiclass",
+        )
+        return case, lesion
+
+    def test_CaseLesionAndKeySliceFlow(self):
+        import tempfile
+
+        import numpy as np
+
+        from CLEARLib import mrml
+        from CLEARLib.phantom import make_phantom
+
+        self.assertTrue(ensure_dependencies())
+        self.delayDisplay("Synthetic CT and small bundles")
+        volume, lesions = make_phantom(shape_zyx=(30, 64, 64), spacing_xyz=(4.0, 4.0, 8.0), seed=0)
+        node = mrml.node_from_volume(volume, slicer.mrmlScene, name="CLEAR self-test CT")
+        logic = CLEARLogic()
+        with tempfile.TemporaryDirectory() as folder:
+            caseBundle, lesionBundle = self._tinyBundles(folder)
+            self.delayDisplay("Case prediction and attention navigator")
+            ct = logic.volumeFromNode(node)
+            result = logic.predictCase(ct, caseBundle, device="cpu")
+            self.assertAlmostEqual(float(result.attention.attention.sum()), 1.0, places=4)
+            shown = logic.showCaseResult(ct, result, node)
+            self.assertEqual(shown["table"].GetNumberOfRows(), 2)
+            red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+            top = int(result.top_slices(1).slice_index.iloc[0])
+            mrml.jump_to_slice(red, ct, top)
+            self.assertEqual(mrml.slice_index_of_view(red, ct), top)
+
+            self.delayDisplay("Lesion prediction with stability")
+            seed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "seed")
+            seed.AddControlPointWorld(*(np.asarray(lesions[0].center_lps) * [-1, -1, 1]))
+            roi = logic.showPatch(ct, seed)
+            size = [0.0] * 3
+            roi.GetSizeWorld(size)
+            self.assertEqual(size, [50.0, 50.0, 50.0])
+            lesionResult = logic.predictLesion(ct, seed, lesionBundle, stability=5, device="cpu")
+            self.assertEqual(lesionResult.stability["n"], 5)
+
+            self.delayDisplay("Key-slice annotation and export")
+            notes = logic.keySliceAnnotations(node)
+            notes.mark(top)
+            box = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion box")
+            box.SetCenterWorld(*(np.asarray(lesions[0].center_lps) * [-1, -1, 1]))
+            box.SetSizeWorld(20.0, 20.0, 1.0)
+            notes.add_box(box, lesion_type=4)
+            exported = notes.export(os.path.join(folder, "keys.csv"))
+            self.assertTrue(os.path.exists(exported))
+
+            self.delayDisplay("Batch API")
+            batch = logic.runBatch([node], caseBundle, device="cpu")
+            self.assertEqual(list(batch.predictions.status), ["ok"])
+        logging.info("CLEAR self-test passed")
+        self.delayDisplay("Test passed")

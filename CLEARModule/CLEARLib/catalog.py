@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .bundle import read_manifest
 from .errors import CLEARInputError
 from .resources import extension_file
 
@@ -109,6 +108,8 @@ def fetch(entry: CatalogEntry, cache_dir: str | os.PathLike | None = None, progr
 
 def catalog_entry_for(bundle_zip: str | os.PathLike, url: str) -> CatalogEntry:
     """The catalog entry describing a released bundle .zip that will be served at `url`."""
+    from .bundle import read_manifest  # needs the model stack; the catalog itself does not
+
     path = Path(bundle_zip)
     manifest = read_manifest(path)
     return CatalogEntry(

@@ -215,7 +215,9 @@ def show_plot(scene, plot: AttentionPlot, layout_node=None) -> None:
         layout_node.SetViewArrangement(LAYOUT_ID)
     views = scene.GetNodesByClass("vtkMRMLPlotViewNode")
     for i in range(views.GetNumberOfItems()):
-        views.GetItemAsObject(i).SetPlotChartNodeID(plot.chart_id)
+        view = views.GetItemAsObject(i)
+        view.SetPlotChartNodeID(plot.chart_id)
+        view.SetInteractionMode(slicer.vtkMRMLPlotViewNode.InteractionModeSelectPoints)  # clicks select slices
 
 
 # ------------------------------------------------------------------------------ slice views

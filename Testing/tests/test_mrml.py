@@ -94,6 +94,7 @@ def test_results_table_and_attention_plot(scene, phantom, tiny_case_bundle):
     mrml.show_plot(scene, plot, layout)
     assert layout.IsLayoutDescription(mrml.LAYOUT_ID) and layout.GetViewArrangement() == mrml.LAYOUT_ID
     assert view.GetPlotChartNodeID() == plot.chart_id
+    assert view.GetInteractionMode() == slicer.vtkMRMLPlotViewNode.InteractionModeSelectPoints
 
 
 def _red_view(scene, volume_node):

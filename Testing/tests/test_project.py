@@ -20,13 +20,22 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_module_cmake_lists_every_engine_file():
-    cmake = (ROOT / "CLEARModule" / "CMakeLists.txt").read_text()
-    block = re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", cmake, re.S).group(1)
-    listed = {line.strip() for line in block.splitlines() if line.strip()} - {"${MODULE_NAME}.py"}
-    present = {str(p.relative_to(ROOT / "CLEARModule")) for p in ENGINE.rglob("*.py")}
-    assert listed == present
-    assert (ROOT / "CLEARModule" / "CLEAR.py").exists()
+def _cmake_list(cmake: str, variable: str) -> set[str]:
+    block = re.search(rf"set\({variable}(.*?)\)", cmake, re.S).group(1)
+    return {line.strip().replace("${MODULE_NAME}", "CLEAR") for line in block.splitlines() if line.strip()}
+
+
+def test_module_cmake_lists_every_engine_file_and_resource():
+    module = ROOT / "CLEARModule"
+    cmake = (module / "CMakeLists.txt").read_text()
+    scripts = _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")
+    present = {str(p.relative_to(module)) for p in ENGINE.rglob("*.py")} | {"CLEAR.py"}
+    assert scripts == present
+    resources = _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")
+    assert resources == {"Resources/Icons/CLEAR.png", "Resources/UI/CLEAR.ui"}
+    assert all((module / r).is_file() for r in resources)
+    for name in re.search(r"foreach\(extension_file (.*?)\)", cmake).group(1).split():
+        assert (ROOT / "CLEARExtension" / name).is_file(), name
     assert "WITH_GENERIC_TESTS" in cmake
 
 
@@ -40,4 +49,40 @@ def test_extension_cmake_has_metadata_and_module():
 def test_engine_never_imports_gui_or_training():
     for path in ENGINE.rglob("*.py"):
         imported = _imports(path)
-        assert not imported & {"qt", "ctk", "slicer", "clear_training"}, (path, imported)
+        # The MRML glue may use the slicer MRML API; nothing in CLEARLib uses qt, ctk or training.
+        forbidden = {"qt", "ctk", "clear_training"} | (set() if path.name == "mrml.py" else {"slicer", "vtk"})
+        assert not imported & forbidden, (path, imported & forbidden)
+
+
+def _ui_widgets() -> dict[str, tuple[str, str | None]]:
+    """name -> (class, SlicerParameterName) of every widget in CLEAR.ui."""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(ROOT / "CLEARModule" / "Resources" / "UI" / "CLEAR.ui")
+    widgets = {}
+    for w in tree.iter("widget"):
+        param = None
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                param = prop.find("string").text
+        widgets[w.get("name")] = (w.get("class"), param)
+    return widgets
+
+
+def test_widget_names_in_clear_py_match_the_ui():
+    source = (ROOT / "CLEARModule" / "CLEAR.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    widgets = _ui_widgets()
+    assert used, "CLEAR.py uses no widgets?"
+    assert used <= set(widgets), sorted(used - set(widgets))
+    passive = {"QLabel", "ctkCollapsibleButton", "qMRMLWidget"}
+    unused = [
+        name for name, (cls, param) in widgets.items() if cls not in passive and name not in used and param is None
+    ]
+    assert not unused, f"controls in CLEAR.ui that nothing uses: {unused}"
+    # Labels that CLEAR.py writes to exist too; every parameter binding names a parameter-node field.
+    tree = ast.parse(source)
+    parameter_class = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "CLEARParameterNode")
+    fields = {n.target.id for n in parameter_class.body if isinstance(n, ast.AnnAssign)}
+    bound = {param for _, param in widgets.values() if param}
+    assert bound == fields, (sorted(bound - fields), sorted(fields - bound))
