@@ -52,7 +52,7 @@ class LesionPreprocessing(_Strict):
 
 
 class HeadSpec(_Strict):
-    type: Literal["abmil", "linear"]
+    type: Literal["abmil", "abmil_ensemble", "linear"]
     kwargs: dict[str, Any] = Field(default_factory=dict)
     n_outputs: int = Field(ge=1)
 
@@ -84,8 +84,8 @@ class Manifest(_Strict):
                 raise ValueError("a case bundle needs preprocessing.windows")
             if self.encoder.input is None:
                 raise ValueError("a case bundle needs encoder.input (size, mean, std)")
-            if self.head is not None and self.head.type != "abmil":
-                raise ValueError("a case bundle's head is abmil")
+            if self.head is not None and self.head.type not in ("abmil", "abmil_ensemble"):
+                raise ValueError("a case bundle's head is abmil or abmil_ensemble")
         else:
             if not isinstance(self.preprocessing, LesionPreprocessing):
                 raise ValueError("a lesion bundle needs lesion preprocessing (patch_size, spacing_mm)")

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CLEARInputError
-from ..models import ABMIL, LinearHead, create_encoder, encoder_entry
+from ..models import ABMIL, ABMILEnsemble, LinearHead, create_encoder, encoder_entry
 from ..preprocess.slices import InputSpec, Window, resolve_windows
 from .manifest import (
     SCHEMA_VERSION,
@@ -36,7 +36,7 @@ from .manifest import (
 )
 
 MANIFEST = "manifest.json"
-_HEADS = {"abmil": ABMIL, "linear": LinearHead}
+_HEADS = {"abmil": ABMIL, "abmil_ensemble": ABMILEnsemble, "linear": LinearHead}
 # Which encoders each bundle kind runs: case bundles run slice encoders, lesion bundles lesion encoders.
 ENCODER_KIND = {"case": "slice", "lesion": "lesion"}
 
@@ -88,6 +88,8 @@ def _head_from_spec(spec: HeadSpec, feature_dim: int) -> nn.Module:
 
 
 def _head_kwargs(head: nn.Module) -> dict:
+    if isinstance(head, ABMILEnsemble):
+        return {"n_members": len(head.members), "task": head.task, **_head_kwargs(head.members[0])}
     if isinstance(head, ABMIL):
         return {
             "hidden_dim": head.encoder[0].out_features,
@@ -98,6 +100,10 @@ def _head_kwargs(head: nn.Module) -> dict:
     if isinstance(head, LinearHead):
         return {}
     raise TypeError(f"unsupported head {type(head).__name__}")
+
+
+def _head_type(head: nn.Module) -> str:
+    return {ABMILEnsemble: "abmil_ensemble", ABMIL: "abmil", LinearHead: "linear"}[type(head)]
 
 
 def _atomic_publish(build_into, path: Path) -> Path:
@@ -169,9 +175,7 @@ def save_bundle(
         preprocessing=preprocessing,
         head=None
         if head is None
-        else HeadSpec(
-            type="abmil" if isinstance(head, ABMIL) else "linear", kwargs=_head_kwargs(head), n_outputs=head.n_outputs
-        ),
+        else HeadSpec(type=_head_type(head), kwargs=_head_kwargs(head), n_outputs=head.n_outputs),
         labels=list(labels or []),
         task=task,
         metrics=metrics or {},

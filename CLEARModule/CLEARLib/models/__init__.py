@@ -1,6 +1,6 @@
 """Models: slice encoders (MambaOut, ViT with conv stem, VMamba), the FMCIB lesion encoder, ABMIL and heads."""
 
-from .abmil import ABMIL, TASKS, LinearHead, probabilities
+from .abmil import ABMIL, TASKS, ABMILEnsemble, LinearHead, probabilities
 from .encoders import (
     IMAGENET_SPEC,
     create_encoder,
@@ -13,6 +13,7 @@ from .selective_scan import cuda_kernel_available, selective_scan, selective_sca
 
 __all__ = [
     "ABMIL",
+    "ABMILEnsemble",
     "IMAGENET_SPEC",
     "TASKS",
     "LinearHead",

@@ -81,6 +81,30 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     raise ValueError(f"unknown task {task!r}; one of {TASKS}")
 
 
+class ABMILEnsemble(nn.Module):
+    """The models of a cross-validation, as one head: probabilities and attention averaged over members.
+
+    Returns "logits" whose probabilities (sigmoid or softmax, as the task says) are the members' mean
+    probabilities, so callers read it exactly like a single ABMIL.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, n_members: int, task: str, **member_kwargs):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; one of {TASKS}")
+        self.in_dim, self.n_outputs, self.task = in_dim, n_outputs, task
+        self.members = nn.ModuleList(ABMIL(in_dim, n_outputs, **member_kwargs) for _ in range(n_members))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None):
+        outputs = [member(features, mask) for member in self.members]
+        probs = torch.stack([probabilities(logits.float(), self.task) for logits, _ in outputs]).mean(0)
+        attention = torch.stack([a for _, a in outputs]).mean(0)
+        eps = torch.finfo(probs.dtype).eps
+        probs = probs.clamp(eps, 1 - eps)
+        logits = torch.log(probs) if self.task == "multiclass" else torch.log(probs) - torch.log1p(-probs)
+        return logits, attention
+
+
 class LinearHead(nn.Module):
     """The lesion model's head: one linear layer on the 4096-d features."""
 

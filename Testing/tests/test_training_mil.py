@@ -1,0 +1,194 @@
+"""Feature extraction, ABMIL cross-validation with metrics and export, probes and statistics."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from clear_training.config import load_config
+from clear_training.extract import extract, read_features, write_features
+from clear_training.mil import MilConfig, run_mil
+from CLEARLib.bundle import load_bundle
+from CLEARLib.inference import CasePredictor
+from CLEARLib.io import write_volume
+from CLEARLib.phantom import make_phantom
+
+
+def test_extract_writes_one_file_per_case_skips_done_and_reports_failures(tmp_path, tiny_case_bundle):
+    rows = []
+    for i in range(3):
+        volume, _ = make_phantom((8 + i, 32, 32), (6.0, 6.0, 10.0), seed=i)
+        rows.append({"case_id": f"c{i}", "path": str(write_volume(volume, tmp_path / f"c{i}.nrrd"))})
+    np.savez_compressed(tmp_path / "chest.npz", ct=make_phantom((6, 30, 30), (1, 1, 1), seed=9)[0].hu)
+    rows += [{"case_id": "chest", "path": str(tmp_path / "chest.npz")}, {"case_id": "bad", "path": "nope.nii.gz"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
+    out = tmp_path / "features"
+    # Two ranks share the cohort: every rank takes every second case.
+    r0 = extract(tiny_case_bundle, tmp_path / "cohort.csv", out, device="cpu", rank=0, world_size=2)
+    r1 = extract(tiny_case_bundle, tmp_path / "cohort.csv", out, device="cpu", rank=1, world_size=2)
+    assert sorted(r0["done"] + r1["done"]) == ["c0", "c1", "c2", "chest"]
+    assert [f["case_id"] for f in r0["failed"] + r1["failed"]] == ["bad"]
+    data = read_features(out / "c1.h5")
+    assert data["feats"].dtype == np.float16 and data["feats"].shape == (2 * 9, 32)
+    assert list(data["window"][:2]) == ["abdomen", "lung"] and data["slice_index"][-1] == 8
+    sha = load_bundle(tiny_case_bundle).manifest.encoder.weights_sha256
+    assert data["attrs"]["encoder_weights_sha256"] == sha and data["attrs"]["encoder"] == "mambaout_femto"
+    assert json.loads(data["attrs"]["windows"])[0]["name"] == "abdomen"
+    volume, _ = make_phantom((9, 32, 32), (6.0, 6.0, 10.0), seed=1)
+    embeddings, _ = CasePredictor(tiny_case_bundle, device="cpu").encode(volume)
+    np.testing.assert_allclose(data["feats"].astype(np.float32), embeddings, atol=1e-2, rtol=1e-2)
+    again = extract(tiny_case_bundle, tmp_path / "cohort.csv", out, device="cpu", rank=0, world_size=1)
+    assert sorted(again["skipped"]) == ["c0", "c1", "c2", "chest"] and again["done"] == []
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def _synthetic_cohort(root, n_cases=150, dim=16, seed=0):
+    """Cases of 60-120 slices; label j is present when some 2-4 slices carry lesion type j, whose
+    features stand out by +4 along direction j from the case's own baseline. Every case has a random
+    baseline along each direction (as scans differ in contrast and anatomy), so averaging all slices
+    cannot tell positives from negatives: the model has to find the lesion slices."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(2, dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    rows, lesion_slices = [], {}
+    for i in range(n_cases):
+        n = int(rng.integers(60, 121))
+        feats = rng.normal(size=(n, dim)).astype(np.float32)
+        feats += (rng.uniform(-1.0, 1.0, size=2) @ directions).astype(np.float32)  # case baseline
+        labels = rng.random(2) < 0.45
+        marked = set()
+        for j in np.flatnonzero(labels):
+            where = rng.choice(n, size=int(rng.integers(2, 5)), replace=False)
+            feats[where] += 4.0 * directions[j]
+            marked |= set(where.tolist())
+        case = f"case{i:03d}"
+        lesion_slices[case] = marked
+        write_features(
+            root / "features" / f"{case}.h5",
+            feats,
+            {"slice_index": np.arange(n), "window": ["lung"] * n, "z_mm": np.arange(n) * 2.5},
+            {"encoder_weights_sha256": "synthetic", "encoder": "synthetic"},
+        )
+        rows.append({"case_id": case, "patient_id": f"p{i // 2:03d}", "liver": int(labels[0]), "lung": int(labels[1])})
+    (root / "features").mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(root / "clinical.csv", index=False)
+    return lesion_slices
+
+
+def _mil_config(root, **data):
+    cfg = {
+        "run": {"name": "mil", "out_dir": str(root / "mil"), "seed": 0, "device": "cpu"},
+        "data": {
+            "features": str(root / "features"),
+            "table": str(root / "clinical.csv"),
+            "task": "multilabel",
+            "labels": ["liver", "lung"],
+            "folds": 3,
+            **data,
+        },
+        "model": {"hidden_dim": 64, "attention_dim": 32, "dropout": 0.0},
+        "train": {"lr": 1e-2, "weight_decay": 0.0, "batch_size": 16, "epochs": 200, "patience": 40},
+        "evaluation": {"bootstrap": 50, "attention_plots": 2},
+    }
+    path = root / "mil.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path, model=MilConfig)
+
+
+def test_abmil_cross_validation_learns_and_attends_to_lesion_slices(tmp_path):
+    lesion_slices = _synthetic_cohort(tmp_path)
+    metrics = run_mil(_mil_config(tmp_path))
+    test = metrics["ensemble_test"]
+    assert test["liver"]["auroc"] > 0.8 and test["lung"]["auroc"] > 0.8, test  # chance is 0.5
+    ci = metrics["ensemble_test_ci95"]["liver"]["auroc"]
+    assert ci[0] <= test["liver"]["auroc"] <= ci[1]
+    splits = pd.read_csv(tmp_path / "mil" / "splits.csv")
+    # Patient-level: both cases of a patient are always in the same split.
+    assert (splits.groupby("patient_id").split.nunique() == 1).all()
+    assert set(splits.split) == {"test", "fold0", "fold1", "fold2"}
+    attention = pd.read_csv(tmp_path / "mil" / "attention.csv")
+    predictions = pd.read_csv(tmp_path / "mil" / "predictions.csv")
+    positives = predictions[
+        (predictions.model == "ensemble-test") & ((predictions.target_liver + predictions.target_lung) > 0)
+    ]
+    masses, top_is_lesion = [], []
+    for case in positives.case_id:
+        rows = attention[attention.case_id == case]
+        masses.append(rows[rows.slice_index.isin(lesion_slices[case])].attention.sum())
+        top_is_lesion.append(int(rows.slice_index.iloc[rows.attention.argmax()]) in lesion_slices[case])
+    # Lesion slices are ~3% of a case; most of the attention goes to them, and the most attended
+    # slice of a positive case is nearly always one of them.
+    assert np.mean(masses) > 0.5, masses
+    assert np.mean(top_is_lesion) > 0.9, top_is_lesion
+    for name in ("roc.png", "pr.png", "metrics.json"):
+        assert (tmp_path / "mil" / name).exists()
+    assert len(list((tmp_path / "mil" / "attention_plots").glob("*.png"))) == 4
+    assert len(metrics["folds"]) == 3 and all(f["epochs_run"] >= 1 for f in metrics["folds"])
+
+
+def test_nested_cross_validation_for_small_cohorts(tmp_path):
+    _synthetic_cohort(tmp_path, n_cases=40, seed=1)
+    metrics = run_mil(_mil_config(tmp_path, nested=True, folds=4))
+    assert "nested_cv" in metrics and "ensemble_test" not in metrics
+    predictions = pd.read_csv(tmp_path / "mil" / "predictions.csv")
+    tested = predictions[predictions.model.str.endswith("-test")]
+    assert sorted(tested.case_id) == sorted(pd.read_csv(tmp_path / "clinical.csv").case_id)  # each case once
+
+
+def test_mil_exports_an_ensemble_bundle_the_engine_runs(tmp_path, tiny_case_bundle, phantom):
+    # Real features of a small real cohort, through the tiny bundle.
+    rows, clinical = [], []
+    for i in range(12):
+        volume, _ = make_phantom((6, 32, 32), (6.0, 6.0, 10.0), seed=i, noise_hu=5.0 + i)
+        rows.append({"case_id": f"c{i}", "path": str(write_volume(volume, tmp_path / f"c{i}.nrrd"))})
+        clinical.append({"case_id": f"c{i}", "patient_id": f"p{i}", "stage": "high" if i % 2 else "low"})
+    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
+    pd.DataFrame(clinical).to_csv(tmp_path / "clinical.csv", index=False)
+    extract(tiny_case_bundle, tmp_path / "cohort.csv", tmp_path / "features", device="cpu", rank=0, world_size=1)
+    cfg = {
+        "run": {"name": "stage", "out_dir": str(tmp_path / "out"), "device": "cpu"},
+        "data": {
+            "features": str(tmp_path / "features"),
+            "table": str(tmp_path / "clinical.csv"),
+            "task": "multiclass",
+            "labels": ["low", "high"],
+            "label_column": "stage",
+            "folds": 2,
+            "test_fraction": 0.25,
+            "windows": ["lung"],
+        },
+        "model": {"hidden_dim": 16, "attention_dim": 8},
+        "train": {"epochs": 2, "batch_size": 4},
+        "evaluation": {"bootstrap": 10, "attention_plots": 1},
+        "export": {"encoder_bundle": str(tiny_case_bundle)},
+    }
+    (tmp_path / "stage.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = run_mil(load_config(tmp_path / "stage.yaml", model=MilConfig))
+    bundle = load_bundle(metrics["bundle"])
+    assert bundle.manifest.head.type == "abmil_ensemble" and bundle.manifest.head.kwargs["n_members"] == 2
+    assert [w.name for w in bundle.windows] == ["lung"] and bundle.labels == ["low", "high"]
+    volume, _ = phantom
+    result = CasePredictor(bundle, device="cpu").predict(volume)
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert set(result.attention.window) == {"lung"}
+
+
+def test_mil_config_errors(tmp_path):
+    from clear_training.config import ConfigError
+
+    (tmp_path / "bad.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "x", "out_dir": "o"},
+                "data": {"features": "f", "table": "t.csv", "task": "multiclass", "labels": ["a"]},
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="multiclass needs label_column"):
+        load_config(tmp_path / "bad.yaml", model=MilConfig)
+    assert h5py is not None

@@ -1,0 +1,185 @@
+"""Feature extraction at scale: every case of a cohort through a bundle's frozen encoder, one HDF5 per case.
+
+Each file holds `feats` [N, D] float16, `slice_index`, `window`, `z_mm`, and attributes naming the
+encoder and its weights (sha256), the windows and the package version. Files are written to a
+temporary name and renamed; cases already done (with the same encoder weights) are skipped; a case
+that fails is reported and the run goes on. Under torchrun every rank takes every world_size-th case.
+
+Cohort CSV: `case_id`, `path`, optional `format` (image | dicom | deeplesion | radchest; default:
+from the path) and `spacing_x, spacing_y, spacing_z` (for formats without geometry).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from CLEARLib import __version__ as clear_version
+from CLEARLib.io import CTVolume, read_ct
+
+log = logging.getLogger(__name__)
+
+RADCHEST_DEFAULT_SPACING = (0.8, 0.8, 0.8)  # RAD-ChestCT volumes are distributed resampled to 0.8 mm
+
+
+def read_deeplesion_study(folder: Path, spacing) -> CTVolume:
+    """A DeepLesion study folder of 16-bit PNG slices (HU + 32768) as a volume; slice number = z index."""
+    from .data.deeplesion import read_png_hu
+
+    files = sorted(Path(folder).glob("*.png"), key=lambda p: int(p.stem))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no PNG slices")
+    hu = np.stack([read_png_hu(p) for p in files])
+    return CTVolume.from_array(hu, spacing, (0.0, 0.0, 0.0), meta={"source": str(folder), "format": "deeplesion"})
+
+
+def read_radchest(path: Path, spacing) -> CTVolume:
+    """A RAD-ChestCT `.npz` volume ([z, y, x] HU, key `ct` or the only array in the file)."""
+    with np.load(path) as data:
+        key = "ct" if "ct" in data.files else (data.files[0] if len(data.files) == 1 else None)
+        if key is None:
+            raise ValueError(f"{path}: expected an array named 'ct', found {data.files}")
+        hu = data[key]
+    return CTVolume.from_array(hu, spacing, (0.0, 0.0, 0.0), meta={"source": str(path), "format": "radchest"})
+
+
+def _format_of(row) -> str:
+    given = str(getattr(row, "format", "") or "")
+    if given:
+        return given
+    path = str(row.path).lower()
+    if path.endswith(".npz"):
+        return "radchest"
+    return "image"  # read_ct tells DICOM folders and files from NIfTI/NRRD/MHA itself
+
+
+def read_case(row) -> CTVolume:
+    fmt = _format_of(row)
+    spacing = [getattr(row, f"spacing_{a}", None) for a in "xyz"]
+    spacing = None if any(s is None or pd.isna(s) for s in spacing) else tuple(float(s) for s in spacing)
+    if fmt in ("image", "dicom", "nifti", "nrrd"):
+        return read_ct(row.path)
+    if fmt == "deeplesion":
+        if spacing is None:
+            raise ValueError(f"{row.path}: DeepLesion studies need spacing_x, spacing_y, spacing_z columns")
+        return read_deeplesion_study(Path(row.path), spacing)
+    if fmt == "radchest":
+        return read_radchest(Path(row.path), spacing or RADCHEST_DEFAULT_SPACING)
+    raise ValueError(f"unknown cohort format {fmt!r} for {row.path}")
+
+
+def read_cohort_table(path: str | os.PathLike) -> pd.DataFrame:
+    cohort = pd.read_csv(path, dtype={"case_id": str}, keep_default_na=True)
+    missing = {"case_id", "path"} - set(cohort.columns)
+    if missing:
+        raise ValueError(f"{path}: cohort table needs columns {sorted(missing)}")
+    if cohort.case_id.duplicated().any():
+        raise ValueError(
+            f"{path}: duplicated case_id values {sorted(set(cohort.case_id[cohort.case_id.duplicated()]))}"
+        )
+    base = Path(path).parent
+    cohort["path"] = [str(p if Path(p).is_absolute() else base / p) for p in cohort.path]
+    return cohort
+
+
+def feature_file(out_dir: Path, case_id: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id)
+    return Path(out_dir) / f"{safe}.h5"
+
+
+def is_done(path: Path, encoder_sha256: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("encoder_weights_sha256") == encoder_sha256 and "feats" in f
+    except OSError:
+        return False
+
+
+def write_features(path: Path, embeddings: np.ndarray, table: dict, attrs: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("feats", data=embeddings.astype(np.float16), compression="lzf")
+            f.create_dataset("slice_index", data=np.asarray(table["slice_index"], dtype=np.int32))
+            f.create_dataset("window", data=np.asarray(table["window"]).astype("S"))
+            f.create_dataset("z_mm", data=np.asarray(table["z_mm"], dtype=np.float32))
+            for key, value in attrs.items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_features(path: str | os.PathLike, windows=None) -> dict:
+    """feats (float16), slice_index, window, z_mm and attrs of one case, optionally some windows only."""
+    with h5py.File(path, "r") as f:
+        window = f["window"][:].astype(str)
+        keep = np.ones(len(window), bool) if windows is None else np.isin(window, list(windows))
+        return {
+            "feats": f["feats"][:][keep],
+            "slice_index": f["slice_index"][:][keep],
+            "window": window[keep],
+            "z_mm": f["z_mm"][:][keep],
+            "attrs": dict(f.attrs),
+        }
+
+
+def extract(
+    bundle,
+    cohort_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device: str = "auto",
+    batch_size: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> dict:
+    """Extract every case of the cohort this rank owns; returns (and writes) this rank's report."""
+    from CLEARLib.inference import CasePredictor
+
+    from .distributed import init_distributed
+
+    if rank is None or world_size is None:
+        info = init_distributed(device)
+        rank, world_size, device = info.rank, info.world_size, info.device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cohort = read_cohort_table(cohort_csv)
+    predictor = CasePredictor(bundle, device=device, batch_size=batch_size)
+    manifest = predictor.bundle.manifest
+    sha = manifest.encoder.weights_sha256
+    attrs = {
+        "encoder": manifest.encoder.architecture,
+        "encoder_weights_sha256": sha,
+        "bundle": manifest.name,
+        "windows": json.dumps([w.model_dump() for w in manifest.preprocessing.windows]),
+        "clear_version": clear_version,
+    }
+    report = {"rank": rank, "world_size": world_size, "done": [], "skipped": [], "failed": []}
+    for row in cohort.iloc[rank::world_size].itertuples():
+        target = feature_file(out_dir, row.case_id)
+        if is_done(target, sha):
+            report["skipped"].append(row.case_id)
+            continue
+        try:
+            volume = read_case(row)
+            embeddings, table = predictor.encode(volume)
+            write_features(target, embeddings, table, {**attrs, "case_id": row.case_id, "source": str(row.path)})
+            report["done"].append(row.case_id)
+        except Exception as exc:  # report and carry on
+            log.warning("%s: failed (%s)", row.case_id, exc)
+            report["failed"].append({"case_id": row.case_id, "path": str(row.path), "error": str(exc)})
+    from CLEARLib.outputs import write_json
+
+    write_json(out_dir / f"extract-report-rank{rank}.json", report)
+    return report

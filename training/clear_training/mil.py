@@ -1,0 +1,439 @@
+"""Weakly supervised ABMIL on extracted slice features: held-out test set, patient-level stratified
+k-fold cross-validation (or nested CV), a fresh model per fold, metrics with bootstrap CIs, plots,
+attention per case, and the fold ensemble exported as a case bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from sklearn.model_selection import StratifiedGroupKFold
+
+from CLEARLib.models import ABMIL, ABMILEnsemble, probabilities
+from CLEARLib.outputs import attention_plot_png, write_atomic, write_csv, write_json
+
+from .config import _Strict
+from .extract import feature_file, read_features
+from .metrics import bootstrap_ci, per_label_metrics
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ config
+class MilRun(_Strict):
+    name: str
+    out_dir: Path
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class MilData(_Strict):
+    features: Path
+    table: Path
+    case_column: str = "case_id"
+    patient_column: str = "patient_id"
+    task: Literal["multilabel", "multiclass", "binary"]
+    labels: list[str] = Field(min_length=1, description="label columns (multilabel/binary) or class names")
+    label_column: str | None = Field(None, description="multiclass: the column holding the class name")
+    windows: list[str] | None = Field(None, description="use only these windows' instances (default: all)")
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    folds: int = Field(5, ge=2)
+    nested: bool = Field(False, description="small cohorts: outer folds are the test sets, no separate test set")
+
+    @model_validator(mode="after")
+    def _task(self):
+        if self.task == "multiclass" and (not self.label_column or len(self.labels) < 2):
+            raise ValueError("multiclass needs label_column and at least two class names in labels")
+        if self.task == "binary" and len(self.labels) != 1:
+            raise ValueError("binary needs exactly one label column")
+        return self
+
+
+class MilModel(_Strict):
+    hidden_dim: int = 256
+    attention_dim: int = 128
+    gated: bool = False
+    dropout: float = Field(0.25, ge=0, lt=1)
+
+
+class MilTrain(_Strict):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    batch_size: int = Field(128, ge=1, description="bags per batch (padded, with masks)")
+    epochs: int = Field(32, ge=1)
+    patience: int = Field(8, ge=1, description="early stopping: epochs without validation-loss improvement")
+
+
+class MilEvaluation(_Strict):
+    bootstrap: int = Field(1000, ge=0)
+    attention_plots: int = Field(5, ge=0, description="attention-curve PNGs for the top cases of each label")
+
+
+class MilExport(_Strict):
+    encoder_bundle: Path | None = Field(None, description="the bundle the features came from")
+    name: str | None = None
+    version: str = "0.1.0"
+
+
+class MilConfig(_Strict):
+    run: MilRun
+    data: MilData
+    model: MilModel = MilModel()
+    train: MilTrain = MilTrain()
+    evaluation: MilEvaluation = MilEvaluation()
+    export: MilExport = MilExport()
+
+
+# -------------------------------------------------------------------------------------------- data
+class Bags:
+    """All cases' features in memory (float16), targets, and patient ids."""
+
+    def __init__(self, config: MilData):
+        table = pd.read_csv(config.table, dtype={config.case_column: str, config.patient_column: str})
+        for column in [config.case_column, config.patient_column] + (
+            [config.label_column] if config.task == "multiclass" else config.labels
+        ):
+            if column not in table:
+                raise ValueError(f"{config.table}: no column {column!r}")
+        self.task, self.labels = config.task, list(config.labels)
+        features, kept, meta = [], [], []
+        encoder_sha = None
+        for row in table.itertuples(index=False):
+            case = str(getattr(row, config.case_column))
+            path = feature_file(config.features, case)
+            if not path.exists():
+                log.warning("%s: no feature file, case left out", case)
+                continue
+            data = read_features(path, config.windows)
+            if len(data["feats"]) == 0:
+                log.warning("%s: no instances of windows %s, case left out", case, config.windows)
+                continue
+            sha = data["attrs"].get("encoder_weights_sha256")
+            if encoder_sha is None:
+                encoder_sha = sha
+            elif sha != encoder_sha:
+                raise ValueError(f"{path}: features of another encoder ({sha}) than the others ({encoder_sha})")
+            features.append(torch.from_numpy(data["feats"]))
+            meta.append({k: data[k] for k in ("slice_index", "window", "z_mm")})
+            kept.append(row)
+        if not features:
+            raise ValueError(f"{config.features}: no feature files for the cases of {config.table}")
+        frame = pd.DataFrame(kept, columns=table.columns)
+        self.case_ids = frame[config.case_column].astype(str).to_numpy()
+        self.patients = frame[config.patient_column].astype(str).to_numpy()
+        if config.task == "multiclass":
+            classes = {name: i for i, name in enumerate(config.labels)}
+            unknown = sorted(set(frame[config.label_column].astype(str)) - set(classes))
+            if unknown:
+                raise ValueError(f"{config.table}: classes {unknown} not in labels {config.labels}")
+            self.y = frame[config.label_column].astype(str).map(classes).to_numpy()
+        else:
+            self.y = frame[config.labels].to_numpy(dtype=np.float32)
+        self.features, self.meta = features, meta
+        self.encoder_sha256 = encoder_sha
+        self.windows = sorted(set(np.concatenate([m["window"] for m in meta])))
+        self.dim = int(features[0].shape[1])
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def strata(self) -> np.ndarray:
+        """One discrete label per case for stratified splits (multilabel: its rarest positive label)."""
+        if self.task == "multiclass":
+            return self.y.astype(int)
+        frequency = self.y.mean(0)
+        return np.array([int(np.argmin(np.where(r > 0, frequency, np.inf))) if r.any() else -1 for r in self.y])
+
+    def batch(self, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded features [B, N_max, D] float32, mask [B, N_max], targets."""
+        lengths = [len(self.features[i]) for i in index]
+        x = torch.zeros(len(index), max(lengths), self.dim)
+        mask = torch.zeros(len(index), max(lengths), dtype=torch.bool)
+        for row, i in enumerate(index):
+            x[row, : lengths[row]] = self.features[i].float()
+            mask[row, : lengths[row]] = True
+        y = torch.as_tensor(self.y[index])
+        return x.to(device), mask.to(device), y.to(device)
+
+
+def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
+    """Patient-level, label-stratified: a test set (unless nested), then `folds` validation folds."""
+    strata, groups = bags.strata(), bags.patients
+    split = np.full(len(bags), "", dtype=object)
+    if data.nested:
+        folds = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed)
+        for k, (_, held) in enumerate(folds.split(np.zeros(len(bags)), strata, groups)):
+            split[held] = f"outer{k}"
+    else:
+        rest = np.arange(len(bags))
+        if data.test_fraction > 0:
+            n_splits = max(2, round(1 / data.test_fraction))
+            outer = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            train_idx, test_idx = next(outer.split(np.zeros(len(bags)), strata, groups))
+            split[test_idx] = "test"
+            rest = train_idx
+        inner = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed + 1)
+        for k, (_, val) in enumerate(inner.split(np.zeros(len(rest)), strata[rest], groups[rest])):
+            split[rest[val]] = f"fold{k}"
+    return pd.DataFrame({"case_id": bags.case_ids, "patient_id": bags.patients, "split": split})
+
+
+# ---------------------------------------------------------------------------------------- training
+def _loss(logits, y, task):
+    if task == "multiclass":
+        return F.cross_entropy(logits, y.long())
+    return F.binary_cross_entropy_with_logits(logits, y.float())
+
+
+def _predict(model, bags: Bags, index, device, batch_size: int):
+    model.eval()
+    probs, attention, losses = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(index), batch_size):
+            part = index[start : start + batch_size]
+            x, mask, y = bags.batch(part, device)
+            logits, att = model(x, mask)
+            losses.append(float(_loss(logits, y, bags.task)) * len(part))
+            probs.append(probabilities(logits.float(), bags.task).cpu().numpy())
+            attention += [att[r, : int(mask[r].sum())].cpu().numpy() for r in range(len(part))]
+    return np.concatenate(probs), attention, sum(losses) / max(len(index), 1)
+
+
+def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, device) -> tuple[ABMIL, dict]:
+    """A fresh ABMIL trained on train_idx with early stopping on val_idx's loss; the best state is kept."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n_out = len(bags.labels)
+    m = config.model
+    model = ABMIL(bags.dim, n_out, m.hidden_dim, m.attention_dim, m.gated, m.dropout).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    best, best_state, since, history = float("inf"), None, 0, []
+    for epoch in range(config.train.epochs):
+        model.train()
+        order = rng.permutation(train_idx)
+        total = 0.0
+        for start in range(0, len(order), config.train.batch_size):
+            part = order[start : start + config.train.batch_size]
+            x, mask, y = bags.batch(part, device)
+            logits, _ = model(x, mask)
+            loss = _loss(logits, y, bags.task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(part)
+        _, _, val_loss = _predict(model, bags, val_idx, device, config.train.batch_size)
+        history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss})
+        if val_loss < best - 1e-6:
+            best, best_state, since = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            since += 1
+            if since >= config.train.patience:
+                break
+    model.load_state_dict(best_state)
+    return model.eval(), {"best_val_loss": best, "epochs_run": len(history), "history": history}
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _target_frame(bags: Bags, index) -> dict:
+    if bags.task == "multiclass":
+        return {"target": [bags.labels[int(v)] for v in bags.y[index]]}
+    return {f"target_{label}": bags.y[index, j].astype(int) for j, label in enumerate(bags.labels)}
+
+
+def _prediction_frame(bags: Bags, index, prob, source: str) -> pd.DataFrame:
+    frame = pd.DataFrame({"case_id": bags.case_ids[index], "patient_id": bags.patients[index], "model": source})
+    for key, value in _target_frame(bags, index).items():
+        frame[key] = value
+    for j, label in enumerate(bags.labels):
+        frame[f"p_{label}"] = prob[:, j]
+    return frame
+
+
+def _plot_curves(y, prob, task, labels, out: Path) -> None:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from .metrics import label_matrix
+
+    truth = label_matrix(y, task, len(labels))
+    for kind in ("roc", "pr"):
+        fig = Figure(figsize=(5, 5), dpi=100)
+        ax = fig.add_subplot()
+        for j, label in enumerate(labels):
+            if len(np.unique(truth[:, j])) < 2:
+                continue
+            if kind == "roc":
+                fpr, tpr, _ = roc_curve(truth[:, j], prob[:, j])
+                ax.plot(fpr, tpr, label=label)
+            else:
+                precision, recall, _ = precision_recall_curve(truth[:, j], prob[:, j])
+                ax.plot(recall, precision, label=label)
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+        ax.set_xlabel("false positive rate" if kind == "roc" else "recall")
+        ax.set_ylabel("true positive rate" if kind == "roc" else "precision")
+        ax.set_title("ROC" if kind == "roc" else "precision-recall")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        import io
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        write_atomic(out / f"{kind}.png", buffer.getvalue())
+
+
+def run_mil(config: MilConfig) -> dict:
+    started = time.perf_counter()
+    out = Path(config.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(config.run.device)
+    bags = Bags(config.data)
+    splits = make_splits(bags, config.data, config.run.seed)
+    write_csv(out / "splits.csv", splits)
+    labels, task = bags.labels, bags.task
+    fold_names = sorted({s for s in splits.split if s.startswith(("fold", "outer"))})
+    members, fold_reports, predictions = [], [], []
+    evaluation_index, evaluation_prob, evaluation_attention = [], [], []
+    for k, name in enumerate(fold_names):
+        held = np.flatnonzero(splits.split == name)
+        if config.data.nested:
+            # Outer fold = test; one inner fold of the rest validates early stopping.
+            rest = np.flatnonzero(splits.split != name)
+            inner = StratifiedGroupKFold(n_splits=config.data.folds, shuffle=True, random_state=config.run.seed + k)
+            tr, va = next(inner.split(np.zeros(len(rest)), bags.strata()[rest], bags.patients[rest]))
+            train_idx, val_idx, test_idx = rest[tr], rest[va], held
+        else:
+            val_idx = held
+            train_idx = np.flatnonzero((splits.split != name) & (splits.split != "test"))
+            test_idx = np.flatnonzero(splits.split == "test")
+        model, report = train_fold(bags, train_idx, val_idx, config, config.run.seed + 100 * k, device)
+        val_prob, _, _ = _predict(model, bags, val_idx, device, config.train.batch_size)
+        report["validation"] = per_label_metrics(_targets(bags, val_idx), val_prob, task, labels)
+        predictions.append(_prediction_frame(bags, val_idx, val_prob, f"{name}-validation"))
+        if len(test_idx):
+            test_prob, test_att, _ = _predict(model, bags, test_idx, device, config.train.batch_size)
+            report["test"] = per_label_metrics(_targets(bags, test_idx), test_prob, task, labels)
+            predictions.append(_prediction_frame(bags, test_idx, test_prob, f"{name}-test"))
+            if config.data.nested:
+                evaluation_index.append(test_idx)
+                evaluation_prob.append(test_prob)
+                evaluation_attention += test_att
+        fold_reports.append({"fold": name, **report})
+        members.append(model.state_dict())
+    ensemble = ABMILEnsemble(bags.dim, len(labels), len(members), task, **config.model.model_dump()).to(device)
+    for target, state in zip(ensemble.members, members, strict=True):
+        target.load_state_dict(state)
+    if not config.data.nested:
+        test_idx = np.flatnonzero(splits.split == "test")
+        if len(test_idx):
+            prob, att, _ = _predict(ensemble, bags, test_idx, device, config.train.batch_size)
+            evaluation_index, evaluation_prob, evaluation_attention = [test_idx], [prob], att
+            predictions.append(_prediction_frame(bags, test_idx, prob, "ensemble-test"))
+    metrics = {"task": task, "labels": labels, "n_cases": len(bags), "folds": fold_reports}
+    if evaluation_index:
+        index, prob = np.concatenate(evaluation_index), np.concatenate(evaluation_prob)
+        y = _targets(bags, index)
+        key = "nested_cv" if config.data.nested else "ensemble_test"
+        metrics[key] = per_label_metrics(y, prob, task, labels)
+        if config.evaluation.bootstrap:
+            metrics[f"{key}_ci95"] = bootstrap_ci(y, prob, task, labels, config.evaluation.bootstrap, config.run.seed)
+        _plot_curves(y, prob, task, labels, out)
+        _write_attention(bags, index, prob, evaluation_attention, config, out)
+    metrics["across_folds"] = _across_folds(fold_reports, labels, "test")
+    write_csv(out / "predictions.csv", pd.concat(predictions, ignore_index=True))
+    metrics["seconds"] = time.perf_counter() - started
+    write_json(out / "metrics.json", _jsonable(metrics))
+    if config.export.encoder_bundle:
+        metrics["bundle"] = str(export_ensemble(ensemble.cpu(), bags, config, metrics))
+    return metrics
+
+
+def _targets(bags: Bags, index) -> np.ndarray:
+    return bags.y[index]
+
+
+def _across_folds(reports, labels, key) -> dict:
+    out = {}
+    for label in labels:
+        values = [r[key][label]["auroc"] for r in reports if key in r and not np.isnan(r[key][label]["auroc"])]
+        if values:
+            out[label] = {"auroc_mean": float(np.mean(values)), "auroc_sd": float(np.std(values)), "n": len(values)}
+    return out
+
+
+def _write_attention(bags: Bags, index, prob, attention, config: MilConfig, out: Path) -> None:
+    frames = []
+    for i, att in zip(index, attention, strict=True):
+        meta = bags.meta[i]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "case_id": bags.case_ids[i],
+                    "slice_index": meta["slice_index"],
+                    "window": meta["window"],
+                    "z_mm": meta["z_mm"],
+                    "attention": att,
+                }
+            )
+        )
+    table = pd.concat(frames, ignore_index=True)
+    write_csv(out / "attention.csv", table)
+    plots = out / "attention_plots"
+    for j, label in enumerate(bags.labels):
+        for rank in np.argsort(-prob[:, j])[: config.evaluation.attention_plots]:
+            case = bags.case_ids[index[rank]]
+            png = attention_plot_png(table[table.case_id == case], title=f"{case}: p({label}) = {prob[rank, j]:.2f}")
+            write_atomic(plots / f"{label}_{case}.png", png)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def export_ensemble(ensemble: ABMILEnsemble, bags: Bags, config: MilConfig, metrics: dict) -> Path:
+    """The fold ensemble on top of the encoder the features came from, as a case bundle."""
+    from CLEARLib.bundle import load_bundle, save_bundle
+
+    encoder_bundle = load_bundle(config.export.encoder_bundle)
+    if encoder_bundle.manifest.encoder.weights_sha256 != bags.encoder_sha256:
+        raise ValueError(f"{config.export.encoder_bundle}: its encoder is not the one the features were extracted with")
+    windows = [w for w in encoder_bundle.windows if w.name in bags.windows]
+    summary = {k: metrics[k] for k in ("ensemble_test", "nested_cv", "across_folds") if k in metrics}
+    return save_bundle(
+        Path(config.run.out_dir) / f"{config.export.name or config.run.name}.zip",
+        name=config.export.name or config.run.name,
+        version=config.export.version,
+        kind="case",
+        encoder=encoder_bundle.encoder,
+        head=ensemble,
+        labels=bags.labels,
+        task=bags.task,
+        windows=windows,
+        input_spec=encoder_bundle.input_spec,
+        description=f"ABMIL ensemble of {len(ensemble.members)} folds on {encoder_bundle.manifest.name}",
+        metrics=_jsonable(summary),
+        provenance={"mil_config": json.loads(config.model_dump_json()), "n_cases": len(bags)},
+    )
