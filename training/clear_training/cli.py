@@ -60,6 +60,87 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from .extract import extract
+
+    report = extract(args.model, args.cohort, args.out, device=args.device, batch_size=args.batch_size)
+    print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}, indent=2))
+    for failure in report["failed"]:
+        print(f"failed: {failure['case_id']}: {failure['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_mil(args) -> int:
+    from .config import load_config
+    from .mil import MilConfig, run_mil
+
+    config = load_config(args.config, args.set, model=MilConfig)
+    if args.check:
+        print(config.model_dump_json(indent=2))
+        return 0
+    metrics = run_mil(config)
+    summary = {k: metrics[k] for k in ("ensemble_test", "nested_cv", "across_folds", "bundle") if k in metrics}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_extract_lesions(args) -> int:
+    from .probe import extract_lesion_features
+
+    print(json.dumps(extract_lesion_features(args.model, args.seeds, args.out, device=args.device), indent=2))
+    return 0
+
+
+def cmd_probe(args) -> int:
+    import numpy as np
+
+    from CLEARLib.outputs import write_json
+
+    from .probe import compare_probes, evaluate_probe, export_probe, fit_probe, load_probe_data
+
+    x, y, _ = load_probe_data(args.features)
+    result = evaluate_probe(x, y, folds=args.folds, seed=args.seed, n_boot=args.bootstrap)
+    report = {k: result[k] for k in ("classes", "metrics", "ci95")}
+    if args.compare:
+        x_b, y_b, _ = load_probe_data(args.compare)
+        if not np.array_equal(y, y_b):
+            raise ValueError(f"{args.compare}: labels differ from {args.features}; compare the same cases")
+        report["comparison"] = compare_probes(x, x_b, y, folds=args.folds, seed=args.seed)
+    if args.export:
+        if not args.lesion_bundle:
+            raise ValueError("--export needs --lesion-bundle (the bundle whose features were probed)")
+        model = fit_probe(x, y, args.folds, args.seed)
+        report["bundle"] = str(export_probe(model, result["classes"], args.lesion_bundle, args.export, args.name))
+    if args.out:
+        write_json(args.out, report)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    import pandas as pd
+
+    from CLEARLib.outputs import write_json
+
+    from .stats import embedding_plot, survival_analysis
+
+    out = {}
+    if args.survival:
+        table = pd.read_csv(args.survival)
+        out["survival"] = survival_analysis(table, args.score, args.time, args.event, args.out_dir, args.covariates)
+    if args.features:
+        from .probe import load_probe_data
+
+        x, y, _ = load_probe_data(args.features)
+        embedding_plot(x, y, f"{args.out_dir}/{args.method}.png", method=args.method)
+        out["embedding"] = f"{args.out_dir}/{args.method}.png"
+    if not out:
+        raise ValueError("give --survival TABLE and/or --features FILE.h5")
+    write_json(f"{args.out_dir}/stats.json", out)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clear-train",
@@ -92,6 +173,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.lam=3")
     p.add_argument("--check", action="store_true", help="validate the config, print it resolved, and stop")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("extract", help="slice features of a cohort, one HDF5 per case (torchrun: sharded)")
+    p.add_argument("--model", required=True, help="case or encoder bundle")
+    p.add_argument("--cohort", required=True, help="CSV: case_id, path[, format, spacing_x/y/z]")
+    p.add_argument("--out", required=True, help="feature folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("mil", help="ABMIL with held-out test and cross-validation; metrics, plots, bundle")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--check", action="store_true", help="validate the config and stop")
+    p.set_defaults(func=cmd_mil)
+
+    p = sub.add_parser("extract-lesions", help="lesion-bundle features at the seeds of a seed table")
+    p.add_argument("--model", required=True, help="lesion bundle")
+    p.add_argument("--seeds", required=True, help="CSV: image_path, coordX, coordY, coordZ (LPS mm)[, label]")
+    p.add_argument("--out", required=True, help="features .h5")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_extract_lesions)
+
+    p = sub.add_parser("probe", help="linear probe (logistic regression, C by CV) with bootstrap CIs")
+    p.add_argument("features", help="features .h5 from extract-lesions (with labels)")
+    p.add_argument("--compare", help="a second features .h5 of the same seeds: paired permutation test")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="report JSON")
+    p.add_argument("--export", help="write the probe as the head of a lesion bundle here")
+    p.add_argument("--lesion-bundle", help="the bundle the features came from (for --export)")
+    p.add_argument("--name", default="lesion-probe")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("stats", help="Kaplan-Meier/log-rank/Cox of scores; t-SNE/UMAP of features")
+    p.add_argument("--survival", help="CSV with score, time and event columns")
+    p.add_argument("--score", default="score")
+    p.add_argument("--time", default="time")
+    p.add_argument("--event", default="event")
+    p.add_argument("--covariates", nargs="*", default=[])
+    p.add_argument("--features", help="features .h5 with labels, for the embedding plot")
+    p.add_argument("--method", default="tsne", choices=["tsne", "umap"])
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("export", help="pretraining checkpoint -> encoder bundle for the engine")
     p.add_argument("checkpoint")

@@ -1,0 +1,98 @@
+"""Lesion features at seeds, linear probes with CIs and permutation tests, export; survival statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clear_training.cli import main as train_main
+from clear_training.metrics import paired_permutation_test, probe_metrics
+from clear_training.probe import evaluate_probe, export_probe, extract_lesion_features, fit_probe
+from clear_training.stats import embedding_plot, survival_analysis
+from CLEARLib.inference import LesionPredictor
+from CLEARLib.io import write_volume
+from CLEARLib.phantom import Lesion, make_phantom
+
+
+def test_lesion_features_and_probe_export(tmp_path, tiny_lesion_bundle):
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        hu = 150 if i % 2 else -50  # "malignant" lesions dense, "benign" ones not
+        lesion = Lesion("liver", (float(rng.uniform(-20, 20)), float(rng.uniform(-20, 20)), 0.0), 10.0, hu)
+        volume, _ = make_phantom((20, 48, 48), (3.0, 3.0, 4.0), lesions=[lesion], seed=i)
+        path = write_volume(volume, tmp_path / f"ct{i}.nrrd")
+        rows.append(
+            {
+                "image_path": path.name,
+                "coordX": lesion.center_lps[0],
+                "coordY": lesion.center_lps[1],
+                "coordZ": 0.0,
+                "label": "malignant" if i % 2 else "benign",
+                "case_id": f"c{i}",
+            }
+        )
+    rows.append({"image_path": "missing.nrrd", "coordX": 0, "coordY": 0, "coordZ": 0, "label": "benign"})
+    pd.DataFrame(rows).to_csv(tmp_path / "seeds.csv", index=False)
+    report = extract_lesion_features(tiny_lesion_bundle, tmp_path / "seeds.csv", tmp_path / "feats.h5", device="cpu")
+    assert report["seeds"] == 16 and len(report["failed"]) == 1
+    from clear_training.probe import load_probe_data
+
+    x, y, attrs = load_probe_data(tmp_path / "feats.h5")
+    assert x.shape == (16, 64) and set(y) == {"benign", "malignant"}
+    result = evaluate_probe(x, y, folds=4, n_boot=50)
+    assert set(result["metrics"]) == {"balanced_accuracy", "map", "auc"}
+    model = fit_probe(x, y, folds=4)
+    bundle_path = export_probe(model, result["classes"], tiny_lesion_bundle, tmp_path / "probe.zip", "probe")
+    # The exported head reproduces the sklearn probe on the same features.
+    predictor = LesionPredictor(bundle_path, device="cpu")
+    volume_path = tmp_path / "ct1.nrrd"
+    seed = (rows[1]["coordX"], rows[1]["coordY"], 0.0)
+    lesion_result = predictor.predict(str(volume_path), seed)
+    expected = model.predict_proba(lesion_result.features[None].astype(np.float64))[0, 1]
+    assert lesion_result.probabilities["malignant"] == pytest.approx(expected, abs=1e-4)
+    assert predictor.bundle.manifest.task == "binary"
+
+
+def test_probe_metrics_and_permutation_test_by_hand():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    perfect = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
+    m = probe_metrics(y, perfect)
+    assert m == {"balanced_accuracy": 1.0, "map": 1.0, "auc": 1.0}
+    rng = np.random.default_rng(0)
+    y_big = rng.integers(0, 2, 200)
+    good = np.stack([1 - (0.3 * y_big + 0.7 * rng.random(200)), 0.3 * y_big + 0.7 * rng.random(200)], 1)
+    noise = rng.random((200, 2))
+    strong = paired_permutation_test(y_big, good, noise, n_perm=200)
+    same = paired_permutation_test(y_big, good, good, n_perm=200)
+    assert strong["p_value"] < 0.05 and strong["auc_difference"] > 0.1
+    assert same["p_value"] == 1.0 and same["auc_difference"] == 0.0
+
+
+def test_survival_statistics_and_embedding(tmp_path):
+    rng = np.random.default_rng(1)
+    score = rng.normal(size=120)
+    time = rng.exponential(scale=np.exp(-1.2 * score) * 10)  # higher score, shorter survival
+    event = (rng.random(120) < 0.8).astype(int)
+    table = pd.DataFrame({"score": score, "time": time, "event": event, "age": rng.normal(60, 8, 120)})
+    out = survival_analysis(table, "score", "time", "event", tmp_path, covariates=["age"])
+    assert out["logrank_p"] < 0.01 and out["cox"]["score"]["hazard_ratio"] > 1.5
+    assert out["cox"]["score"]["ci95"][0] > 1.0 and 0.5 < out["concordance"] <= 1.0
+    assert (tmp_path / "km_score.png").read_bytes()[:4] == b"\x89PNG"
+    features = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(4, 1, (30, 8))])
+    coords = embedding_plot(features, ["a"] * 30 + ["b"] * 30, tmp_path / "tsne.png")
+    assert coords.shape == (60, 2) and (tmp_path / "tsne.png").exists()
+
+
+def test_training_cli_stages(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    pd.DataFrame(
+        {"score": rng.normal(size=50), "time": rng.exponential(5, 50), "event": rng.integers(0, 2, 50)}
+    ).to_csv(tmp_path / "surv.csv", index=False)
+    assert train_main(["stats", "--survival", str(tmp_path / "surv.csv"), "--out-dir", str(tmp_path / "s")]) == 0
+    assert "logrank_p" in json.loads(capsys.readouterr().out)["survival"]
+    assert train_main(["mil", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
