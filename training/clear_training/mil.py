@@ -72,6 +72,9 @@ class MilTrain(_Strict):
     batch_size: int = Field(128, ge=1, description="bags per batch (padded, with masks)")
     epochs: int = Field(32, ge=1)
     patience: int = Field(8, ge=1, description="early stopping: epochs without validation-loss improvement")
+    amp: bool = Field(
+        True, description="bf16 autocast where the hardware has fast bf16 (CUDA, or CPUs with AVX512-BF16/AMX)"
+    )
 
 
 class MilEvaluation(_Strict):
@@ -97,6 +100,21 @@ class MilConfig(_Strict):
 # -------------------------------------------------------------------------------------------- data
 class Bags:
     """All cases' features in memory (float16), targets, and patient ids."""
+
+    @classmethod
+    def from_arrays(cls, features, y, patients, case_ids, task: str, labels: list[str], meta=None) -> Bags:
+        """Bags held in memory already (e.g. for benchmarks); features: list of [N_i, D] float16 tensors."""
+        bags = cls.__new__(cls)
+        bags.task, bags.labels = task, list(labels)
+        bags.features = list(features)
+        bags.y = np.asarray(y)
+        bags.patients, bags.case_ids = np.asarray(patients).astype(str), np.asarray(case_ids).astype(str)
+        bags.meta = meta or [
+            {"slice_index": np.arange(len(f)), "window": np.array(["lung"] * len(f)), "z_mm": np.arange(len(f)) * 1.0}
+            for f in bags.features
+        ]
+        bags.encoder_sha256, bags.windows, bags.dim = None, ["lung"], int(bags.features[0].shape[1])
+        return bags
 
     def __init__(self, config: MilData):
         table = pd.read_csv(config.table, dtype={config.case_column: str, config.patient_column: str})
@@ -196,17 +214,36 @@ def _loss(logits, y, task):
 
 
 def _predict(model, bags: Bags, index, device, batch_size: int):
+    """Probabilities, attention per bag and mean loss, in `index` order (batched by length inside)."""
     model.eval()
-    probs, attention, losses = [], [], []
+    index = np.asarray(index)
+    order = np.argsort([len(bags.features[i]) for i in index], kind="stable")
+    probs, attention, loss_sum = [None] * len(index), [None] * len(index), 0.0
     with torch.no_grad():
-        for start in range(0, len(index), batch_size):
-            part = index[start : start + batch_size]
-            x, mask, y = bags.batch(part, device)
+        for start in range(0, len(order), batch_size):
+            where = order[start : start + batch_size]
+            x, mask, y = bags.batch(index[where], device)
             logits, att = model(x, mask)
-            losses.append(float(_loss(logits, y, bags.task)) * len(part))
-            probs.append(probabilities(logits.float(), bags.task).cpu().numpy())
-            attention += [att[r, : int(mask[r].sum())].cpu().numpy() for r in range(len(part))]
-    return np.concatenate(probs), attention, sum(losses) / max(len(index), 1)
+            loss_sum += float(_loss(logits, y, bags.task)) * len(where)
+            p = probabilities(logits.float(), bags.task).cpu().numpy()
+            for row, position in enumerate(where):
+                probs[position] = p[row]
+                attention[position] = att[row, : int(mask[row].sum())].cpu().numpy()
+    prob = np.stack(probs) if probs else np.zeros((0, len(bags.labels)))
+    return prob, attention, loss_sum / max(len(index), 1)
+
+
+def length_bucketed_batches(bags: Bags, index: np.ndarray, batch_size: int, rng) -> list[np.ndarray]:
+    """Shuffled batches whose bags have similar lengths (sorted within chunks of 8 batches), so that
+    padding, and the compute spent on it, stays small; the batch order is shuffled again."""
+    order = rng.permutation(index)
+    lengths = np.array([len(bags.features[i]) for i in order])
+    batches = []
+    chunk = 8 * batch_size
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk][np.argsort(lengths[start : start + chunk], kind="stable")]
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, device) -> tuple[ABMIL, dict]:
@@ -220,19 +257,18 @@ def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, dev
     best, best_state, since, history = float("inf"), None, 0, []
     for epoch in range(config.train.epochs):
         model.train()
-        order = rng.permutation(train_idx)
         total = 0.0
-        for start in range(0, len(order), config.train.batch_size):
-            part = order[start : start + config.train.batch_size]
+        for part in length_bucketed_batches(bags, train_idx, config.train.batch_size, rng):
             x, mask, y = bags.batch(part, device)
-            logits, _ = model(x, mask)
-            loss = _loss(logits, y, bags.task)
+            with _autocast(device, config.train.amp):
+                logits, _ = model(x, mask)
+            loss = _loss(logits.float(), y, bags.task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(part)
         _, _, val_loss = _predict(model, bags, val_idx, device, config.train.batch_size)
-        history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss})
+        history.append({"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val_loss})
         if val_loss < best - 1e-6:
             best, best_state, since = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
@@ -241,6 +277,16 @@ def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, dev
                 break
     model.load_state_dict(best_state)
     return model.eval(), {"best_val_loss": best, "epochs_run": len(history), "history": history}
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA, and on CPUs whose bf16 matmuls are native (measured 2x on AVX512-BF16)."""
+    fast_cpu = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    use = enabled and (device.type == "cuda" or fast_cpu)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -297,12 +343,13 @@ def _plot_curves(y, prob, task, labels, out: Path) -> None:
         write_atomic(out / f"{kind}.png", buffer.getvalue())
 
 
-def run_mil(config: MilConfig) -> dict:
+def run_mil(config: MilConfig, bags: Bags | None = None) -> dict:
+    """The whole study: splits, folds, evaluation, outputs and export (bags: preloaded, optional)."""
     started = time.perf_counter()
     out = Path(config.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(config.run.device)
-    bags = Bags(config.data)
+    bags = bags if bags is not None else Bags(config.data)
     splits = make_splits(bags, config.data, config.run.seed)
     write_csv(out / "splits.csv", splits)
     labels, task = bags.labels, bags.task
