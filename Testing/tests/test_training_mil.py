@@ -192,3 +192,14 @@ def test_mil_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="multiclass needs label_column"):
         load_config(tmp_path / "bad.yaml", model=MilConfig)
     assert h5py is not None
+
+
+def test_shipped_mil_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("mil_*.yaml"))
+    assert len(configs) == 2
+    for path in configs:
+        config = load_config(path, model=MilConfig)
+        assert config.train.lr == 1e-4 and config.train.batch_size == 128 and config.train.epochs == 32
+        assert config.train.patience == 8 and config.data.folds == 5

@@ -298,7 +298,8 @@ def test_config_errors_name_the_keys(tmp_path, deeplesion_store, capsys):
 def test_shipped_configs_reproduce_the_paper():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("*.yaml"))
+    folder = Path(__file__).resolve().parents[2] / "training" / "configs"
+    configs = sorted(p for p in folder.glob("*.yaml") if p.name.startswith(("mambaout_", "vmamba_", "vit_")))
     assert len(configs) == 6
     for path in configs:
         for lam in [0, 1, 3, 5] if "lecl" in path.name else [None]:

@@ -53,6 +53,30 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _lesion_command(args, finetune: bool) -> int:
+    from .config import load_config
+    from .lesion import LesionFinetuner, LesionPretrainConfig, LesionPretrainer, export_lesion_bundle
+
+    config = load_config(args.config, args.set, model=LesionPretrainConfig)
+    if args.check:
+        print(config.model_dump_json(indent=2))
+        return 0
+    trainer = (LesionFinetuner if finetune else LesionPretrainer)(config)
+    trainer.fit()
+    if trainer.dist.is_main and trainer.epoch >= config.run.epochs:
+        path = export_lesion_bundle(trainer.out_dir / "last.pt", trainer.out_dir / f"{config.run.name}.zip")
+        print(f"exported lesion bundle {path}")
+    return 0
+
+
+def cmd_lesion_pretrain(args) -> int:
+    return _lesion_command(args, finetune=False)
+
+
+def cmd_lesion_finetune(args) -> int:
+    return _lesion_command(args, finetune=True)
+
+
 def cmd_export(args) -> int:
     from .pretrain import export_encoder
 
@@ -141,6 +165,12 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (see training/configs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.lam=3")
+    parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and stop")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clear-train",
@@ -169,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare_ct)
 
     p = sub.add_parser("pretrain", help="MoCo v3 / LeCL pretraining (run under torchrun for several GPUs)")
-    p.add_argument("--config", required=True, help="YAML config (see training/configs)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.lam=3")
-    p.add_argument("--check", action="store_true", help="validate the config, print it resolved, and stop")
+    _add_config_arguments(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("extract", help="slice features of a cohort, one HDF5 per case (torchrun: sharded)")
@@ -183,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("mil", help="ABMIL with held-out test and cross-validation; metrics, plots, bundle")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--check", action="store_true", help="validate the config and stop")
+    _add_config_arguments(p)
     p.set_defaults(func=cmd_mil)
 
     p = sub.add_parser("extract-lesions", help="lesion-bundle features at the seeds of a seed table")
@@ -217,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="tsne", choices=["tsne", "umap"])
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_stats)
+
+    for name, func, text in (
+        ("lesion-pretrain", cmd_lesion_pretrain, "SimCLR pretraining of the 3D lesion model from a seed table"),
+        ("lesion-finetune", cmd_lesion_finetune, "fine-tuning of the lesion model with a classification head"),
+    ):
+        p = sub.add_parser(name, help=text + " (torchrun for several GPUs)")
+        _add_config_arguments(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="pretraining checkpoint -> encoder bundle for the engine")
     p.add_argument("checkpoint")

@@ -73,7 +73,7 @@ class MethodConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    name: Literal["adamw", "lars"] = "adamw"
+    name: Literal["adamw", "lars", "sgd"] = "adamw"
     lr: float = Field(1e-4, gt=0, description="base learning rate per 256 images; scaled by batch_size / 256")
     weight_decay: float = Field(0.1, ge=0)
     batch_size: int = Field(2048, ge=2, description="global batch over all ranks")
@@ -94,10 +94,6 @@ class PretrainConfig(_Strict):
         if self.method.name == "moco" and self.method.lam:
             raise ValueError("method.lam applies to lecl only")
         return self
-
-    @property
-    def scaled_lr(self) -> float:
-        return self.optim.lr * self.optim.batch_size / 256
 
 
 def _set(data: dict, dotted: str, value) -> None:

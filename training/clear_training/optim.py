@@ -41,15 +41,6 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, params, weight_decay: float):
-    params = [p for p in params if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay, betas=(0.9, 0.95))
-    if name == "lars":
-        return LARS(params, lr=0.0, weight_decay=weight_decay, momentum=0.9)
-    raise ValueError(f"unknown optimiser {name!r}")
-
-
 def learning_rate(epoch: float, lr: float, warmup_epochs: float, epochs: float) -> float:
     """Linear warm-up to lr over warmup_epochs, then half-cosine decay to 0 at `epochs` (fractional epochs)."""
     if epoch < warmup_epochs:

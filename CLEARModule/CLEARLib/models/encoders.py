@@ -198,8 +198,17 @@ def vmamba_tiny(**kwargs):
 class LesionEncoder(nn.Module):
     """MONAI's 3D ResNet as FMCIB builds it: 1 channel, first conv stride 2, no classifier, flattened pool."""
 
-    def __init__(self, layers=(3, 4, 6, 3), block_inplanes=(64, 128, 256, 512), widen_factor=2.0, conv1_t_stride=2):
+    def __init__(
+        self,
+        layers=(3, 4, 6, 3),
+        block_inplanes=(64, 128, 256, 512),
+        widen_factor=2.0,
+        conv1_t_stride=2,
+        norm="batch",
+    ):
         super().__init__()
+        # JSON (bundle manifests, configs) gives lists; MONAI wants ("group", {...}) tuples.
+        norm = tuple(norm) if isinstance(norm, list) else norm
         self.trunk = ResNet(
             ResNetBottleneck,
             list(layers),
@@ -210,11 +219,25 @@ class LesionEncoder(nn.Module):
             widen_factor=widen_factor,
             feed_forward=False,
             bias_downsample=True,
+            norm=norm,
         )
+        if norm != "batch":  # MONAI applies `norm` to the stem only; the blocks keep BatchNorm3d
+            _replace_batch_norm(self.trunk, norm)
         self.num_features = int(block_inplanes[-1] * widen_factor) * ResNetBottleneck.expansion
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
+
+
+def _replace_batch_norm(module: nn.Module, norm) -> None:
+    """Every BatchNorm3d below `module` becomes the given MONAI norm layer (e.g. ("group", {...}))."""
+    from monai.networks.layers.utils import get_norm_layer
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm3d):
+            setattr(module, name, get_norm_layer(name=norm, spatial_dims=3, channels=child.num_features))
+        else:
+            _replace_batch_norm(child, norm)
 
 
 @register_encoder("fmcib_resnet50", kind="lesion", description="FMCIB 3D ResNet50, widen 2, 4096-d")

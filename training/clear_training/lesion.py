@@ -1,0 +1,372 @@
+"""3D lesion model training (the FMCIB recipe): SimCLR pretraining from a seed table, and supervised
+fine-tuning with a classification head, both on the shared distributed loop (`trainer.py`), both
+exported as lesion bundles that the engine, `clear-ct lesion` and the Slicer module load.
+
+Seed table CSV: `image_path, coordX, coordY, coordZ` (LPS mm), optional `label`. For every seed the
+region around it (and a few background regions elsewhere in the same scan, not overlapping the
+lesion's 50 mm patch) is extracted once by the engine's patch extractor, on its 1 mm grid, and cached
+as .npy; training crops views from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from CLEARLib.models import LinearHead, create_encoder
+
+from .config import OptimConfig, RunConfig, _Strict
+from .distributed import rank_and_world
+from .trainer import DistributedTrainer
+
+log = logging.getLogger(__name__)
+PATCH = 50
+
+
+# ------------------------------------------------------------------------------------------ config
+class LesionData(_Strict):
+    seeds: Path
+    cache_dir: Path
+    margin: int = Field(10, ge=0, le=20, description="voxels cached around the 50 mm patch (translations)")
+    negatives_per_seed: int = Field(4, ge=1)
+    label_column: str = "label"
+
+
+class LesionModel(_Strict):
+    encoder_kwargs: dict = Field(default_factory=dict, description="fmcib_resnet50 overrides (tests: tiny nets)")
+    hidden_dim: int = 2048
+    projection_dim: int = 128
+    init_bundle: Path | None = Field(None, description="fine-tuning: start from this lesion bundle's encoder")
+
+
+class LesionMethod(_Strict):
+    loss: Literal["ntxent", "fmcib"] = "ntxent"
+    temperature: float = Field(0.1, gt=0)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+
+
+class LesionPretrainConfig(_Strict):
+    run: RunConfig
+    data: LesionData
+    model: LesionModel = LesionModel()
+    method: LesionMethod = LesionMethod()
+    optim: OptimConfig = OptimConfig(name="lars", lr=0.3, weight_decay=1e-6, batch_size=64)
+
+
+# ------------------------------------------------------------------------------------ region cache
+def read_seeds(path: Path) -> pd.DataFrame:
+    seeds = pd.read_csv(path)
+    missing = {"image_path", "coordX", "coordY", "coordZ"} - set(seeds.columns)
+    if missing:
+        raise ValueError(f"{path}: seed table needs columns {sorted(missing)}")
+    base = Path(path).parent
+    seeds["image_path"] = [str(p if Path(p).is_absolute() else base / p) for p in seeds.image_path]
+    return seeds.reset_index(drop=True)
+
+
+def _background_centres(volume, seed_lps, n: int, rng) -> list[np.ndarray]:
+    """Centres of patches elsewhere in the scan whose 50 mm cube does not overlap the lesion's."""
+    first, last = volume.index_to_lps([0, 0, 0]), volume.index_to_lps(np.array(volume.shape, dtype=float) - 1)
+    lo, hi = np.minimum(first, last), np.maximum(first, last)
+    centres = []
+    for _ in range(1000 * n):
+        c = rng.uniform(lo, hi)
+        if np.max(np.abs(c - seed_lps)) >= PATCH:
+            centres.append(c)
+            if len(centres) == n:
+                return centres
+    raise ValueError("the scan is too small for background patches that do not overlap the lesion")
+
+
+def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> list[Path]:
+    """One .npy per seed: [1 + negatives, S, S, S] normalised regions, S = 50 + 2 * margin (cached once)."""
+    from CLEARLib.io import read_ct
+    from CLEARLib.preprocess import extract_lesion_patch
+
+    size = PATCH + 2 * data.margin
+    cache = Path(data.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image_path, rows in seeds.groupby("image_path", sort=False):
+        volume = None
+        for i, row in rows.iterrows():
+            key = hashlib.sha256(
+                f"{image_path}|{row.coordX:.3f}|{row.coordY:.3f}|{row.coordZ:.3f}|{size}|{data.negatives_per_seed}|{seed}".encode()
+            ).hexdigest()[:20]
+            target = cache / f"{key}.npy"
+            paths.append((i, target))
+            if target.exists():
+                continue
+            volume = volume or read_ct(image_path)
+            seed_lps = np.array([row.coordX, row.coordY, row.coordZ], dtype=float)
+            rng = np.random.default_rng([seed, int(i)])
+            centres = [seed_lps, *_background_centres(volume, seed_lps, data.negatives_per_seed, rng)]
+            regions = np.stack([extract_lesion_patch(volume, c, size=size) for c in centres])
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.save(f, regions.astype(np.float32))
+            os.replace(tmp, target)
+    return [p for _, p in sorted(paths)]
+
+
+# ----------------------------------------------------------------------------------- 3D views
+def _gaussian_blur3d(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = -1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(shape))
+    return x
+
+
+def histogram_shift(x: torch.Tensor, generator, n_points: int = 6, amount: float = 0.05) -> torch.Tensor:
+    """A random monotone piecewise-linear intensity map per sample (MONAI's RandHistogramShift idea)."""
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        lo, hi = float(x[b].min()), float(x[b].max())
+        if hi <= lo:
+            out[b] = x[b]
+            continue
+        xp = torch.linspace(lo, hi, n_points, device=x.device)
+        fp = xp.clone()
+        jitter = (torch.rand(n_points - 2, generator=generator, device=x.device) * 2 - 1) * amount * (hi - lo)
+        fp[1:-1] = torch.sort(fp[1:-1] + jitter).values
+        idx = torch.bucketize(x[b].clamp(lo, hi), xp).clamp(1, n_points - 1)
+        x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+        out[b] = y0 + (x[b] - x0) * (y1 - y0) / (x1 - x0)
+    return out
+
+
+def simclr_views(regions: torch.Tensor, margin: int, scale, generator) -> torch.Tensor:
+    """[B, 1, S, S, S] cached regions -> [B, 1, 50, 50, 50] views: random resized crop of the central
+    patch (volume fraction in `scale`), axis flips, histogram shift, Gaussian smoothing."""
+    b, s = regions.shape[0], regions.shape[-1]
+    device = regions.device
+    fraction = torch.rand(b, generator=generator, device=device) * (scale[1] - scale[0]) + scale[0]
+    side = PATCH * fraction ** (1 / 3)  # voxels of the crop
+    half = side / s  # normalised half-extent of the crop within the region
+    room = (PATCH - side) / s  # the crop stays inside the central 50 mm patch
+    centre = (torch.rand(b, 3, generator=generator, device=device) * 2 - 1) * room[:, None]
+    flips = torch.where(torch.rand(b, 3, generator=generator, device=device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 3, 4, device=device)
+    for axis in range(3):
+        theta[:, axis, axis] = half * flips[:, axis]
+        theta[:, axis, 3] = centre[:, axis]
+    grid = F.affine_grid(theta, [b, 1, PATCH, PATCH, PATCH], align_corners=False)
+    x = F.grid_sample(regions, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = histogram_shift(x, generator)
+    sigma = torch.rand(b, generator=generator, device=device) * 1.0
+    smooth = torch.rand(b, generator=generator, device=device) < 0.5
+    for i in torch.nonzero(smooth).flatten().tolist():
+        x[i : i + 1] = _gaussian_blur3d(x[i : i + 1], 0.25 + float(sigma[i]))
+    return x
+
+
+def finetune_views(regions: torch.Tensor, margin: int, generator) -> torch.Tensor:
+    """FMCIB's fine-tuning augmentations: translations of up to `margin` voxels, axis flips and
+    90-degree rotations."""
+    out = []
+    for r in regions:
+        shift = torch.randint(0, 2 * margin + 1, (3,), generator=generator).tolist()
+        x = r[:, shift[0] : shift[0] + PATCH, shift[1] : shift[1] + PATCH, shift[2] : shift[2] + PATCH]
+        for axis in range(3):
+            if float(torch.rand(1, generator=generator)) < 0.5:
+                x = x.flip(1 + axis)
+        k = int(torch.randint(0, 4, (1,), generator=generator))
+        plane = [(1, 2), (1, 3), (2, 3)][int(torch.randint(0, 3, (1,), generator=generator))]
+        out.append(torch.rot90(x, k, plane))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------ model, loss
+class SimCLRModel(nn.Module):
+    def __init__(self, encoder_kwargs: dict, hidden_dim: int, projection_dim: int):
+        super().__init__()
+        self.encoder = create_encoder("fmcib_resnet50", **encoder_kwargs)
+        self.projector = nn.Sequential(
+            nn.Linear(self.encoder.num_features, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, projection_dim),
+        )
+
+    def forward(self, *views):
+        return [self.projector(self.encoder(v)) for v in views]
+
+
+def _gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows in rank order; gradients flow back to the rank that made each row."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z), dim=0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over the global batch: each view's positive is the other view of its item,
+    negatives are all other views; the mean over this rank's 2B anchors."""
+    rank, _ = rank_and_world()
+    b = z1.shape[0]
+    a1, a2 = _gather_with_grad(F.normalize(z1, dim=1)), _gather_with_grad(F.normalize(z2, dim=1))
+    everything = torch.cat([a1, a2])  # [2N, d]
+    n = a1.shape[0]
+    anchors = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])  # local [2B, d]
+    own = torch.cat([torch.arange(b) + rank * b, torch.arange(b) + rank * b + n]).to(z1.device)
+    positive = torch.cat([own[b:], own[:b]])
+    logits = anchors @ everything.t() / temperature
+    logits = logits.masked_fill(F.one_hot(own, 2 * n).bool(), float("-inf"))
+    return F.cross_entropy(logits, positive)
+
+
+def fmcib_loss(z1: torch.Tensor, z2: torch.Tensor, background: torch.Tensor, temperature: float) -> torch.Tensor:
+    """FMCIB's variant: a lesion view's positive is the other view of the lesion, its negatives are the
+    background patches (of all ranks); both views serve as anchors."""
+    neg = _gather_with_grad(F.normalize(background, dim=1))
+    losses = []
+    for anchor, other in ((z1, z2), (z2, z1)):
+        a, p = F.normalize(anchor, dim=1), F.normalize(other, dim=1)
+        logits = torch.cat([(a * p).sum(1, keepdim=True), a @ neg.t()], dim=1) / temperature
+        losses.append(F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device)))
+    return (losses[0] + losses[1]) / 2
+
+
+# -------------------------------------------------------------------------------------- trainers
+class LesionPretrainer(DistributedTrainer):
+    views_per_item = 3
+
+    def prepare_data(self) -> int:
+        self.seeds = read_seeds(self.config.data.seeds)
+        self.cache = build_region_cache(self.seeds, self.config.data, self.config.run.seed)
+        return len(self.cache)
+
+    def build_model(self) -> nn.Module:
+        m = self.config.model
+        return SimCLRModel(m.encoder_kwargs, m.hidden_dim, m.projection_dim)
+
+    def _regions(self, rows) -> np.ndarray:
+        return np.stack([np.load(self.cache[r], mmap_mode="r") for r in rows])  # [B, 1 + neg, S, S, S]
+
+    def make_batch(self, rows, seed):
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        regions = torch.from_numpy(self._regions(rows)).to(self.device)
+        lesion = regions[:, :1]
+        pick = torch.randint(1, regions.shape[1], (len(rows),), generator=generator, device=self.device)
+        background = regions[torch.arange(len(rows), device=self.device), pick][:, None]
+        margin, scale = self.config.data.margin, self.config.method.crop_scale
+        return (
+            simclr_views(lesion, margin, scale, generator),
+            simclr_views(lesion, margin, scale, generator),
+            simclr_views(background, margin, scale, generator),
+        )
+
+    def compute_loss(self, batch, epoch_f):
+        v1, v2, background = batch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            z1, z2, zb = self.ddp(v1, v2, background)
+        method = self.config.method
+        if method.loss == "fmcib":
+            loss = fmcib_loss(z1.float(), z2.float(), zb.float(), method.temperature)
+        else:
+            loss = nt_xent(z1.float(), z2.float(), method.temperature)
+        return loss, {}
+
+
+class LesionClassifier(nn.Module):
+    def __init__(self, encoder_kwargs: dict, n_classes: int):
+        super().__init__()
+        self.encoder = create_encoder("fmcib_resnet50", **encoder_kwargs)
+        self.head = LinearHead(self.encoder.num_features, n_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+class LesionFinetuner(LesionPretrainer):
+    views_per_item = 1
+
+    def prepare_data(self) -> int:
+        n = super().prepare_data()
+        column = self.config.data.label_column
+        if column not in self.seeds:
+            raise ValueError(f"{self.config.data.seeds}: fine-tuning needs a {column!r} column")
+        self.classes = sorted(self.seeds[column].astype(str).unique())
+        if len(self.classes) < 2:
+            raise ValueError(f"{self.config.data.seeds}: fine-tuning needs at least two classes in {column!r}")
+        self.targets = self.seeds[column].astype(str).map({c: i for i, c in enumerate(self.classes)}).to_numpy()
+        return n
+
+    def build_model(self) -> nn.Module:
+        m = self.config.model
+        model = LesionClassifier(m.encoder_kwargs, len(self.classes))
+        if m.init_bundle:
+            from CLEARLib.bundle import load_bundle, load_state_strict
+
+            pretrained = load_bundle(m.init_bundle)
+            load_state_strict(model.encoder, pretrained.encoder.state_dict(), "pretrained encoder", m.init_bundle)
+        return model
+
+    def make_batch(self, rows, seed):
+        generator = torch.Generator().manual_seed(seed)
+        regions = torch.from_numpy(self._regions(rows)[:, :1].copy())
+        x = finetune_views(regions, self.config.data.margin, generator).to(self.device)
+        return x, torch.as_tensor(self.targets[rows], device=self.device)
+
+    def state(self) -> dict:
+        return {**super().state(), "classes": self.classes}  # the exported bundle names its labels
+
+    def compute_loss(self, batch, epoch_f):
+        x, y = batch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.ddp(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, {"accuracy": float((logits.argmax(1) == y).float().mean())}
+
+
+def export_lesion_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, name: str | None = None) -> Path:
+    """A lesion pretraining or fine-tuning checkpoint as a lesion bundle (with its head when fine-tuned)."""
+    from CLEARLib.bundle import load_state_strict, save_bundle
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = state.get("config") or {}
+    kwargs = config.get("model", {}).get("encoder_kwargs", {})
+    weights = state["state_dict"]
+    encoder = create_encoder("fmcib_resnet50", **kwargs)
+    encoder_state = {k[len("encoder.") :]: v for k, v in weights.items() if k.startswith("encoder.")}
+    load_state_strict(encoder, encoder_state, "lesion encoder", checkpoint)
+    head, labels, task = None, None, None
+    head_state = {k[len("head.") :]: v for k, v in weights.items() if k.startswith("head.")}
+    if head_state:
+        classes = state.get("classes") or [str(i) for i in range(head_state["fc.weight"].shape[0])]
+        head = LinearHead(encoder.num_features, len(classes))
+        load_state_strict(head, head_state, "lesion head", checkpoint)
+        labels, task = list(classes), "multiclass"
+    run_name = config.get("run", {}).get("name", "lesion")
+    return save_bundle(
+        out,
+        name=name or run_name,
+        kind="lesion",
+        encoder=encoder,
+        head=head,
+        labels=labels,
+        task=task,
+        description="FMCIB-style lesion model trained with CLEAR (SimCLR pretraining"
+        + (", fine-tuned)" if head else ")"),
+        provenance={"checkpoint": Path(checkpoint).name, "global_step": state.get("global_step")},
+    )
