@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/clear-ct phantom $(OUT)/phantom.nrrd
-	$(VENV)/bin/clear-ct info $(OUT)/phantom.nrrd
+	$(VENV)/bin/clear-ct demo --out $(OUT)/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
