@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _memory import reset_peak_rss, rss_mb
 
 from CLEARLib.bundle import save_bundle
 from CLEARLib.inference import CasePredictor
@@ -25,20 +26,6 @@ from CLEARLib.phantom import make_phantom
 from CLEARLib.preprocess import InputSpec, resolve_windows
 
 ENCODERS = ("mambaout_tiny", "vit_conv_base", "vmamba_tiny")
-
-
-def reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets the peak-RSS mark (VmHWM), so each phase is measured alone.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def rss_mb(field: str = "VmHWM") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def throughput(name: str, n: int, batch: int) -> dict:

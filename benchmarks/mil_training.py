@@ -14,16 +14,9 @@ import time
 
 import numpy as np
 import torch
+from _memory import reset_peak_rss, rss_mb
 
 from clear_training.mil import Bags, MilConfig, run_mil
-
-
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def main() -> None:
@@ -65,8 +58,7 @@ def main() -> None:
             }
         )
         before = rss_mb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark: measure the study alone
+        reset_peak_rss()  # measure the study alone
         start = time.perf_counter()
         metrics = run_mil(config, bags=bags)
         wall = time.perf_counter() - start
