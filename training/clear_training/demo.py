@@ -108,7 +108,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print) -> dict:
 
     torch.manual_seed(0)
     started = time.perf_counter()
-    out = Path(out)
+    out = Path(out).resolve()  # the configs written below must not depend on the working directory
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
