@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import time
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=32)
     parser.add_argument("--labels", type=int, default=8)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # progress on stderr
     rng = np.random.default_rng(0)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()

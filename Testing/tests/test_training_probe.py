@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from clear_training.cli import main as train_main
 from clear_training.metrics import paired_permutation_test, probe_metrics
@@ -55,6 +56,30 @@ def test_lesion_features_and_probe_export(tmp_path, tiny_lesion_bundle):
     expected = model.predict_proba(lesion_result.features[None].astype(np.float64))[0, 1]
     assert lesion_result.probabilities["malignant"] == pytest.approx(expected, abs=1e-4)
     assert predictor.bundle.manifest.task == "binary"
+
+
+def test_probe_parameter_search_with_optuna(tmp_path, tiny_lesion_bundle):
+    pytest.importorskip("optuna")
+    from CLEARLib.bundle import load_bundle
+
+    # Imbalanced classes (1 in 5 positive) separated along one direction of a 64-d feature space,
+    # the dimension of the tiny lesion bundle so that the searched probe can be exported as its head.
+    rng = np.random.default_rng(3)
+    y = np.where(rng.random(120) < 0.2, "malignant", "benign")
+    x = rng.normal(size=(120, 64)) + 3.0 * (y == "malignant")[:, None] * np.eye(64)[0]
+    result = evaluate_probe(x, y, folds=3, n_boot=20, trials=6)
+    assert result["metrics"]["auc"] > 0.8
+    model = fit_probe(x, y, folds=3, seed=1, trials=6)
+    again = fit_probe(x, y, folds=3, seed=1, trials=6)
+    chosen = model[-1].get_params()
+    assert 1e-5 <= chosen["C"] <= 1e2 and chosen["class_weight"] in (None, "balanced")
+    assert chosen["C"] == again[-1].get_params()["C"]  # the seeded search is reproducible
+    path = export_probe(model, result["classes"], tiny_lesion_bundle, tmp_path / "optuna.zip", "probe")
+    bundle = load_bundle(path)
+    assert bundle.manifest.provenance["C"] == [chosen["C"]]
+    with torch.no_grad():
+        logits = bundle.head(torch.from_numpy(x[:10]).float())[:, 0]
+    assert np.allclose(torch.sigmoid(logits).numpy(), model.predict_proba(x[:10])[:, 1], atol=1e-4)
 
 
 def test_probe_metrics_and_permutation_test_by_hand():

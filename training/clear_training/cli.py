@@ -123,17 +123,17 @@ def cmd_probe(args) -> int:
     from .probe import compare_probes, evaluate_probe, export_probe, fit_probe, load_probe_data
 
     x, y, _ = load_probe_data(args.features)
-    result = evaluate_probe(x, y, folds=args.folds, seed=args.seed, n_boot=args.bootstrap)
+    result = evaluate_probe(x, y, folds=args.folds, seed=args.seed, n_boot=args.bootstrap, trials=args.trials)
     report = {k: result[k] for k in ("classes", "metrics", "ci95")}
     if args.compare:
         x_b, y_b, _ = load_probe_data(args.compare)
         if not np.array_equal(y, y_b):
             raise ValueError(f"{args.compare}: labels differ from {args.features}; compare the same cases")
-        report["comparison"] = compare_probes(x, x_b, y, folds=args.folds, seed=args.seed)
+        report["comparison"] = compare_probes(x, x_b, y, folds=args.folds, seed=args.seed, trials=args.trials)
     if args.export:
         if not args.lesion_bundle:
             raise ValueError("--export needs --lesion-bundle (the bundle whose features were probed)")
-        model = fit_probe(x, y, args.folds, args.seed)
+        model = fit_probe(x, y, args.folds, args.seed, args.trials)
         report["bundle"] = str(export_probe(model, result["classes"], args.lesion_bundle, args.export, args.name))
     if args.out:
         write_json(args.out, report)
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--trials", type=int, default=0, help="optuna trials over C and class weighting (0: grid of C by CV)"
+    )
     p.add_argument("--out", help="report JSON")
     p.add_argument("--export", help="write the probe as the head of a lesion bundle here")
     p.add_argument("--lesion-bundle", help="the bundle the features came from (for --export)")

@@ -269,6 +269,7 @@ def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, dev
             total += float(loss.detach()) * len(part)
         _, _, val_loss = _predict(model, bags, val_idx, device, config.train.batch_size)
         history.append({"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val_loss})
+        log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, history[-1]["train_loss"], val_loss)
         if val_loss < best - 1e-6:
             best, best_state, since = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
