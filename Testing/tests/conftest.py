@@ -22,6 +22,20 @@ def big_lesion_phantom():
     return volume, lesions[0]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches (downloaded bundles, exported ONNX encoders) go to a temporary folder, never the user's home."""
+    import os
+
+    previous = os.environ.get("CLEAR_CACHE")
+    os.environ["CLEAR_CACHE"] = str(tmp_path_factory.mktemp("clear-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CLEAR_CACHE", None)
+    else:
+        os.environ["CLEAR_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _engine_logs(caplog):
     caplog.set_level(logging.INFO, logger="CLEARLib")

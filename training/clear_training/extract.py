@@ -143,6 +143,8 @@ def extract(
     batch_size: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    backend: str = "auto",
+    precision: str = "fp32",
 ) -> dict:
     """Extract every case of the cohort this rank owns; returns (and writes) this rank's report."""
     from CLEARLib.inference import CasePredictor
@@ -155,7 +157,7 @@ def extract(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cohort = read_cohort_table(cohort_csv)
-    predictor = CasePredictor(bundle, device=device, batch_size=batch_size)
+    predictor = CasePredictor(bundle, device=device, batch_size=batch_size, backend=backend, precision=precision)
     manifest = predictor.bundle.manifest
     sha = manifest.encoder.weights_sha256
     attrs = {
@@ -174,7 +176,10 @@ def extract(
         try:
             volume = read_case(row)
             embeddings, table = predictor.encode(volume)
-            write_features(target, embeddings, table, {**attrs, "case_id": row.case_id, "source": str(row.path)})
+            runtime = {"encoder_backend": predictor.runner.backend, "encoder_precision": precision}
+            write_features(
+                target, embeddings, table, {**attrs, **runtime, "case_id": row.case_id, "source": str(row.path)}
+            )
             report["done"].append(row.case_id)
         except Exception as exc:  # report and carry on
             log.warning("%s: failed (%s)", row.case_id, exc)

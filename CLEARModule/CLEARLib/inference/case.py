@@ -17,10 +17,10 @@ from ..errors import CLEARInputError
 from ..io import CTVolume, read_ct
 from ..models import probabilities as to_probabilities
 from ..preprocess import SliceInstances
+from .backends import SliceEncoderRunner
 from .runtime import (
     ProgressCallback,
     StageTimer,
-    autocast,
     check_cancel,
     default_batch_size,
     report,
@@ -40,6 +40,7 @@ class CaseResult:
     bundle_name: str
     encoder_sha256: str
     timings: dict[str, float] = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)  # backend, precision, device (and ONNX verification) that ran
 
     def top_slices(self, k: int = 5, window: str | None = None) -> pd.DataFrame:
         """The k instances with the highest attention (optionally of one window), highest first."""
@@ -54,6 +55,7 @@ class CaseResult:
             "top_slices": self.top_slices(5).to_dict(orient="records"),
             "n_instances": int(len(self.attention)),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "runtime": self.runtime,
         }
 
 
@@ -62,10 +64,19 @@ class CasePredictor:
 
     `device`: "auto" (CUDA when present), "cpu", "gpu"/"cuda". `batch_size`: instances per encoder
     batch; by default 8 on the CPU (larger batches are no faster there) and sized from free memory
-    on CUDA; halved on out-of-memory.
+    on CUDA; halved on out-of-memory. `backend`: "auto" (ONNX Runtime on the CPU when installed,
+    verified against torch on the first batch; torch otherwise), "torch" or "onnxruntime".
+    `precision`: "fp32" or "bf16" (CUDA always autocasts; bf16 on the CPU needs AVX-512 BF16 or AMX).
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, device="auto", batch_size: int | None = None):
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        device="auto",
+        batch_size: int | None = None,
+        backend: str = "auto",
+        precision: str = "fp32",
+    ):
         self.device = resolve_device(device)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if self.bundle.kind != "case":
@@ -73,6 +84,7 @@ class CasePredictor:
         self.bundle.to(self.device)
         if self.device.type == "cuda":
             self.bundle.encoder.to(memory_format=torch.channels_last)
+        self.runner = SliceEncoderRunner(self.bundle, self.device, backend=backend, precision=precision)
         spec = self.bundle.input_spec
         per_item_mb = 3 * spec.size * spec.size * 4 * 40 / 2**20  # activations ~40x the input, measured on MambaOut-T
         self.batch_size = batch_size or default_batch_size(self.device, per_item_mb, cpu_default=8)
@@ -88,7 +100,6 @@ class CasePredictor:
             volume, self.bundle.windows, self.bundle.input_spec, batch_size=self.batch_size, device=self.device
         )
         embeddings = np.empty((len(instances), self.bundle.manifest.encoder.feature_dim), dtype=np.float32)
-        encoder = self.bundle.encoder
 
         def make_batch(start, stop):
             with timer("preprocess"):
@@ -98,8 +109,8 @@ class CasePredictor:
                 return pixels
 
         def run_model(pixels):
-            with timer("encode"), torch.inference_mode(), autocast(self.device):
-                return encoder(pixels).float().cpu().numpy()
+            with timer("encode"):
+                return self.runner(pixels)
 
         for start, stop, output in run_batches(
             len(instances), self.batch_size, make_batch, run_model, progress, cancel, "encoding instance", self.device
@@ -159,4 +170,5 @@ class CasePredictor:
             bundle_name=manifest.name,
             encoder_sha256=manifest.encoder.weights_sha256,
             timings={**timings, **timer.seconds},
+            runtime=self.runner.describe(),
         )

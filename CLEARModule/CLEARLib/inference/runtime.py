@@ -29,12 +29,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise ValueError(f"unknown device {device!r}: use auto, cpu, gpu or cuda[:N]")
 
 
-def autocast(device: torch.device):
-    """bf16 (or fp16) autocast on CUDA; full precision on the CPU, where results are deterministic."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def autocast(device: torch.device, precision: str = "fp32"):
+    """bf16 (or fp16) autocast on CUDA; on the CPU full precision (deterministic) unless bf16 is asked for."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def default_batch_size(device: torch.device, per_item_mb: float, cpu_default: int) -> int:

@@ -31,16 +31,25 @@ class EncoderEntry:
     build: Callable[..., nn.Module]
     input_spec: InputSpec | None
     description: str
+    # None when the encoder runs on ONNX Runtime; otherwise why it stays on torch.
+    onnx_unsupported: str | None = None
 
 
 _REGISTRY: dict[str, EncoderEntry] = {}
 
 
-def register_encoder(name: str, kind: str = "slice", input_spec: InputSpec | None = IMAGENET_SPEC, description=""):
+def register_encoder(
+    name: str,
+    kind: str = "slice",
+    input_spec: InputSpec | None = IMAGENET_SPEC,
+    description="",
+    onnx_unsupported: str | None = None,
+):
     def decorator(build):
         if name in _REGISTRY:
             raise ValueError(f"encoder {name!r} is registered twice")
-        _REGISTRY[name] = EncoderEntry(name, kind, build, input_spec if kind == "slice" else None, description)
+        spec = input_spec if kind == "slice" else None
+        _REGISTRY[name] = EncoderEntry(name, kind, build, spec, description, onnx_unsupported)
         return build
 
     return decorator
@@ -189,7 +198,16 @@ class VMambaEncoder(nn.Module):
         return self.model(x)
 
 
-@register_encoder("vmamba_tiny", description="VSSM depths [2,2,9,2], dims [96..768], d_state 16, ssm_ratio 2")
+# Measured: the exported graph takes about a minute to build and its selective scan differs from torch
+# by about 8e-4 (relative), above the 1e-4 that CLEAR accepts for identical features.
+VMAMBA_ONNX = "its exported selective scan differs from torch by about 8e-4, above the 1e-4 limit"
+
+
+@register_encoder(
+    "vmamba_tiny",
+    description="VSSM depths [2,2,9,2], dims [96..768], d_state 16, ssm_ratio 2",
+    onnx_unsupported=VMAMBA_ONNX,
+)
 def vmamba_tiny(**kwargs):
     return VMambaEncoder(**{"depths": (2, 2, 9, 2), "dims": (96, 192, 384, 768), **kwargs})
 
