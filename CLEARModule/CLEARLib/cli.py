@@ -15,6 +15,22 @@ from .errors import CLEARInputError
 from .io import read_ct, write_volume
 
 
+def add_backend_options(parser: argparse.ArgumentParser) -> None:
+    """--backend and --precision of the slice encoder (shared with clear-train extract)."""
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime"],
+        help="slice-encoder runtime; auto: ONNX Runtime on the CPU when installed (checked against torch), else torch",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16 on the CPU needs AVX-512 BF16 or AMX; features then differ from fp32 by about 1e-2 (never default)",
+    )
+
+
 def _add_read_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series-uid", help="SeriesInstanceUID to read from a DICOM folder with several series")
     parser.add_argument("--allow-non-ct", action="store_true", help="read a series whose modality is not CT")
@@ -84,7 +100,9 @@ def cmd_predict(args) -> int:
     from .inference import CasePredictor
     from .outputs import attention_plot_png, write_atomic, write_csv, write_json
 
-    predictor = CasePredictor(args.model, device=args.device, batch_size=args.batch_size)
+    predictor = CasePredictor(
+        args.model, device=args.device, batch_size=args.batch_size, backend=args.backend, precision=args.precision
+    )
     result = predictor.predict(_read(args), progress=_progress if args.verbose else None)
     summary = {"ct": str(args.path), **result.to_dict()}
     print(json.dumps(summary, indent=2))
@@ -107,9 +125,9 @@ def cmd_lesion(args) -> int:
     from .inference import LesionPredictor
     from .outputs import write_json
 
-    predictor = LesionPredictor(args.model, device=args.device)
+    predictor = LesionPredictor(args.model, device=args.device, border=args.border)
     result = predictor.predict(_read(args), args.seed, coord=args.coord, stability=args.stability)
-    summary = {"ct": str(args.path), "seed": args.seed, "coord": args.coord, **result.to_dict()}
+    summary = {"ct": str(args.path), "seed": args.seed, "coord": args.coord, "border": args.border, **result.to_dict()}
     print(json.dumps(summary, indent=2))
     if args.out:
         write_json(Path(args.out) / "lesion.json", summary)
@@ -117,10 +135,14 @@ def cmd_lesion(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .bundle.convert import convert_fmcib, convert_moco
+    from .bundle.convert import convert_fmcib, convert_mambaout, convert_moco
 
     if args.source == "fmcib":
         path = convert_fmcib(args.checkpoint, args.out, name=args.name or "fmcib-foundation")
+    elif args.source == "mambaout":
+        path = convert_mambaout(
+            args.checkpoint, args.out, args.arch, name=args.name, windows=args.windows, input_size=args.input_size
+        )
     else:
         path = convert_moco(
             args.checkpoint, args.out, args.arch, name=args.name, windows=args.windows, input_size=args.input_size
@@ -159,34 +181,59 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", help="folder for predictions.json/.csv, attention.csv and attention.png")
     predict.add_argument("--device", default="auto", help="auto, cpu or gpu")
     predict.add_argument("--batch-size", type=int, help="instances per encoder batch (default: by device)")
+    add_backend_options(predict)
     _add_read_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     lesion = sub.add_parser("lesion", help="lesion features and prediction at a seed point from a lesion bundle")
     lesion.add_argument("path", help="CT: DICOM folder, multi-frame DICOM, NIfTI/NRRD/MHA")
     lesion.add_argument("--model", required=True, help="lesion bundle (folder or .zip)")
-    lesion.add_argument("--seed", required=True, type=_seed, help="x,y,z in mm")
+    lesion.add_argument("--seed", required=True, type=_seed, help="x,y,z in mm, e.g. --seed -81.5,201.7,-456.5")
     lesion.add_argument("--coord", default="LPS", choices=["LPS", "RAS"], type=str.upper)
     lesion.add_argument("--stability", type=int, default=0, help="also score N perturbed seeds (paper: 50)")
+    lesion.add_argument(
+        "--border",
+        default="centred",
+        choices=["centred", "fmcib"],
+        help="near the image border: keep the patch centred on the seed (default) or crop and pad as FMCIB's code",
+    )
     lesion.add_argument("--out", help="folder for lesion.json")
     lesion.add_argument("--device", default="auto", help="auto, cpu or gpu")
     _add_read_options(lesion)
     lesion.set_defaults(func=cmd_lesion)
 
     convert = sub.add_parser("convert", help="convert published or pretraining weights into a bundle")
-    convert.add_argument("source", choices=["fmcib", "moco"], help="fmcib: model_weights.torch; moco: MoCo v3/CLEAR")
+    convert.add_argument(
+        "source",
+        choices=["fmcib", "moco", "mambaout"],
+        help="fmcib: model_weights.torch; moco: MoCo v3/CLEAR; mambaout: timm's mambaout_*.in1k model.safetensors "
+        "or an original MambaOut checkpoint (ImageNet baseline)",
+    )
     convert.add_argument("checkpoint", help="the checkpoint file (read with torch.load(weights_only=True))")
     convert.add_argument("out", help="bundle to write: a folder, or a file ending in .zip")
     convert.add_argument("--name", help="bundle name")
-    convert.add_argument("--arch", default="mambaout_tiny", help="moco: registered slice encoder")
+    convert.add_argument("--arch", default="mambaout_tiny", help="moco, mambaout: registered slice encoder")
     convert.add_argument("--windows", nargs="+", default=["abdomen", "lung"], help="moco: windows of the bundle")
     convert.add_argument("--input-size", type=int, default=224, help="moco: input size")
     convert.set_defaults(func=cmd_convert)
     return parser
 
 
+def attach_negative_values(argv: list[str], options=("--seed",)) -> list[str]:
+    """`--seed -81.5,201.7,-456.5` -> `--seed=-81.5,201.7,-456.5`: argparse takes a value that starts
+    with a minus (and is not a single number) for an option; half of all LPS/RAS seeds start with one."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i > 0 and argv[i - 1] in options and arg.startswith("-") and out and out[-1] == argv[i - 1]:
+            out[-1] = f"{argv[i - 1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(attach_negative_values(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

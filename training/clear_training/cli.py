@@ -87,7 +87,15 @@ def cmd_export(args) -> int:
 def cmd_extract(args) -> int:
     from .extract import extract
 
-    report = extract(args.model, args.cohort, args.out, device=args.device, batch_size=args.batch_size)
+    report = extract(
+        args.model,
+        args.cohort,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        precision=args.precision,
+    )
     print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}, indent=2))
     for failure in report["failed"]:
         print(f"failed: {failure['case_id']}: {failure['error']}", file=sys.stderr)
@@ -172,6 +180,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from CLEARLib.cli import add_backend_options
+
     parser = argparse.ArgumentParser(
         prog="clear-train",
         description="CLEAR training: pretraining, feature extraction, MIL, probes and export.",
@@ -208,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="feature folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
+    add_backend_options(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("mil", help="ABMIL with held-out test and cross-validation; metrics, plots, bundle")
