@@ -14,7 +14,9 @@ from CLEARLib.preprocess import (
     SliceInstances,
     Window,
     extract_lesion_patch,
-    extract_lesion_patch_whole_volume,
+    fmcib_grid,
+    fmcib_reference_patch,
+    lesion_patch_centre,
     resolve_window,
     resolve_windows,
 )
@@ -142,21 +144,23 @@ def test_patch_shape_scale_and_centre(big_lesion_phantom):
     assert patch.shape == (50, 50, 50) and patch.dtype == np.float32
     expected_centre = (lesion.hu + 1024) / 3072
     assert patch[25, 25, 25] == pytest.approx(expected_centre, abs=1e-5)
-    # The patch's 1 mm grid is anchored at the volume origin and starts 25 voxels before the seed's
-    # truncated grid index, so the seed sits at 25 + the fractional part of its grid index.
-    grid_index_zyx = ((np.asarray(lesion.center_lps) - volume.origin) @ volume.direction)[::-1]
+    # The patch starts 25 points before the seed's truncated index on FMCIB's 1 mm grid, so the seed
+    # sits at 25 + the fractional part of its grid index.
+    first_lps, _ = fmcib_grid(volume)
+    grid_index_zyx = (np.asarray(lesion.center_lps) - first_lps)[::-1]
     seed_in_patch = 25 + grid_index_zyx - np.trunc(grid_index_zyx)
     lesion_mask = np.isclose(patch, expected_centre, atol=1e-4)
     lesion_mask[:, :, :] &= np.sum((np.indices(patch.shape) - 25) ** 2, axis=0) <= 20**2  # not bone edges
     np.testing.assert_allclose(np.argwhere(lesion_mask).mean(axis=0), seed_in_patch, atol=0.3)
-    # Along each axis through the centre, the lesion spans as many millimetres as the distance between
-    # its outermost source voxels (interpolation blurs the rest): 2.5 mm slices make z shorter than x, y.
+    # Along each axis through the centre, the 1 mm points with the lesion's exact value are those between
+    # its outermost source voxels (interpolation blurs the rest): floor(span) or floor(span) + 1 of
+    # them, depending on where the grid falls. 2.5 mm slices make z shorter than x and y.
     z, y, x = np.rint(volume.lps_to_index(lesion.center_lps)).astype(int)
     source_lines = [volume.hu[:, y, x], volume.hu[z, :, x], volume.hu[z, y, :]]
     spans_mm = [(np.sum(line == lesion.hu) - 1) * volume.spacing[2 - a] for a, line in enumerate(source_lines)]
     diameters = [lesion_mask[:, 25, 25].sum(), lesion_mask[25, :, 25].sum(), lesion_mask[25, 25, :].sum()]
     for diameter, span in zip(diameters, spans_mm, strict=True):
-        assert abs(diameter - (span + 1)) <= 1.0, (diameters, spans_mm)
+        assert np.floor(span) <= diameter <= np.floor(span) + 1, (diameters, spans_mm)
     # Values stay within the phantom's HU range mapped by (HU + 1024) / 3072, without clipping.
     assert patch.min() >= (-1000 + 1024) / 3072 - 1e-6 and patch.max() <= (700 + 1024) / 3072 + 1e-6
 
@@ -170,41 +174,97 @@ def test_ras_seed_equals_lps_seed(big_lesion_phantom):
         extract_lesion_patch(volume, lps, coord="IJK")
 
 
-def _anisotropic_ct(tilt_deg=0.0):
-    """A small CT with 0.7 x 0.7 x 2.5 mm voxels, random texture and an optional small tilt."""
-    rng = np.random.default_rng(5)
-    hu = rng.integers(-1000, 1500, size=(30, 90, 100)).astype(np.int16)
-    c, s = np.cos(np.radians(tilt_deg)), np.sin(np.radians(tilt_deg))
-    direction = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    return CTVolume.from_array(hu, (0.7, 0.7, 2.5), (-35.0, 20.0, 100.0), direction)
+def _raw_ct(direction, spacing=(0.57, 0.57, 2.5), shape_zyx=(30, 90, 100), seed=5) -> CTVolume:
+    """A CT exactly as stored (not reoriented), random texture inside a 2-voxel shell of air.
+
+    The air shell (-1024 HU, 0 after normalisation) is what real CT has around the body; with it, the
+    value of points beyond the outermost voxel centres is -1024 HU in every recipe (MONAI's zero
+    padding, ITK's edge value, CLEAR's fill), so patches can be compared right up to the border.
+    """
+    rng = np.random.default_rng(seed)
+    hu = np.full(shape_zyx, -1024, np.int16)
+    hu[2:-2, 2:-2, 2:-2] = rng.integers(-1000, 1500, size=np.array(shape_zyx) - 4)
+    return CTVolume(hu, tuple(spacing), np.array([-35.3, 20.1, 100.2]), np.asarray(direction, float), {})
 
 
-@pytest.mark.parametrize("tilt", [0.0, 0.6])
-def test_roi_extraction_matches_whole_volume_resampling(tilt):
-    volume = _anisotropic_ct(tilt)
+def _tilt(deg):
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]
+
+
+RAW_DIRECTIONS = {
+    "identity": np.eye(3),
+    "flipped x and z": np.diag([-1.0, 1.0, -1.0]),
+    "permuted (x along P, y along L)": [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]],
+    "tilted 0.6 degrees": _tilt(0.6),
+}
+
+
+@pytest.mark.parametrize("name", list(RAW_DIRECTIONS))
+@pytest.mark.parametrize("border", ["centred", "fmcib"])
+def test_roi_patch_equals_fmcib_recipe_through_monai(name, border):
+    """CLEAR reorients the volume and samples only the patch; FMCIB's recipe (MONAI's Spacingd and
+    Orientationd on the volume as stored) resamples everything: the patches must be the same."""
+    raw = _raw_ct(RAW_DIRECTIONS[name])
+    volume = CTVolume.from_array(raw.hu, raw.spacing, raw.origin, raw.direction)  # what read_ct gives
     rng = np.random.default_rng(1)
-    shape = np.array(volume.shape, dtype=float)
-    for _ in range(6):
-        zyx = rng.uniform([0, 0, 0], shape - 1)
-        seed = volume.index_to_lps(zyx)
-        fast = extract_lesion_patch(volume, seed)
-        reference = extract_lesion_patch_whole_volume(volume, seed)
-        np.testing.assert_allclose(fast, reference, atol=2e-6)
+    shape = np.array(raw.shape, dtype=float)
+    seeds = [raw.index_to_lps(rng.uniform([0, 0, 0], shape - 1)) for _ in range(4)]
+    seeds.append(raw.index_to_lps([0.3, 0.2, 0.4]))  # next to a corner: clamping and padding
+    for seed in seeds:
+        ours = extract_lesion_patch(volume, seed, border=border)
+        reference = fmcib_reference_patch(raw, seed, border=border)
+        np.testing.assert_allclose(ours, reference, atol=1e-5, err_msg=f"{name}, seed {seed}")
 
 
-def test_border_patch_stays_centred_and_is_filled_with_air():
-    volume = _anisotropic_ct()
+def test_fmcib_grid_is_anchored_where_monai_puts_it():
+    """For an ordinary axial CT the L and P points count back from the last column and row, and the
+    S points up from the first slice; a grid anchored at the origin would be off by a fraction of a mm."""
+    volume = _raw_ct(np.eye(3), spacing=(0.57, 0.57, 2.4))  # extents 56.43, 50.73, 69.6 mm: no .5 to round
+    first, size = fmcib_grid(volume)
+    nx, ny, nz = volume.shape[::-1]
+    extent = (np.array([nx, ny, nz]) - 1) * np.array(volume.spacing)
+    np.testing.assert_array_equal(size, np.round(extent + 1).astype(int))
+    last_column_l = volume.origin[0] + (nx - 1) * 0.57
+    last_row_p = volume.origin[1] + (ny - 1) * 0.57
+    np.testing.assert_allclose(first[:2], [last_column_l - (size[0] - 1), last_row_p - (size[1] - 1)])
+    assert first[2] == pytest.approx(volume.origin[2])
+    assert abs(first[0] - volume.origin[0]) > 0.1  # the old origin-anchored grid was wrong here
+
+
+def test_border_patch_stays_centred_by_default_and_fmcib_pads_symmetrically():
+    volume = _raw_ct(np.eye(3))
     corner = volume.index_to_lps([0.2, 0.4, 0.3])  # next to the first voxel
-    patch = extract_lesion_patch(volume, corner)
-    np.testing.assert_allclose(patch, extract_lesion_patch_whole_volume(volume, corner), atol=2e-6)
-    # Everything before the volume origin is outside: -1024 HU, i.e. exactly 0.
-    assert np.all(patch[:25] == 0.0) and np.all(patch[:, :25] == 0.0) and np.all(patch[:, :, :25] == 0.0)
-    # The seed's own grid voxel stays at the centre and holds the image value there.
-    assert patch[25, 25, 25] != 0.0
+    centred = extract_lesion_patch(volume, corner)
+    # Everything before the grid's first point is outside: -1024 HU, i.e. exactly 0.
+    first, _ = fmcib_grid(volume)
+    start = np.trunc(corner - first).astype(int) - 25  # x, y, z
+    assert np.all(centred[: -start[2]] == 0.0) and np.all(centred[:, : -start[1]] == 0.0)
+    # FMCIB's code: the crop keeps only the grid part and pads it symmetrically, moving the seed.
+    fmcib = extract_lesion_patch(volume, corner, border="fmcib")
+    before = -start[::-1]  # z, y, x: points of the centred patch that lie before the grid
+    assert np.all(before > 0)
+    pad = before // 2  # MONAI SpatialPad(method="symmetric") puts floor(missing / 2) first
+    np.testing.assert_array_equal(
+        fmcib[pad[0] : pad[0] + 50 - before[0], pad[1] : pad[1] + 50 - before[1], pad[2] : pad[2] + 50 - before[2]],
+        centred[before[0] :, before[1] :, before[2] :],
+    )
+    assert np.all(fmcib[: pad[0]] == 0.0) and np.all(fmcib[50 - (before[0] - pad[0]) :] == 0.0)
+    with pytest.raises(ValueError, match="border must be"):
+        extract_lesion_patch(volume, corner, border="reflect")
+
+
+def test_patch_centre_for_the_roi_display():
+    volume = _raw_ct(np.eye(3))
+    seed = volume.index_to_lps([12.3, 40.6, 51.2])
+    first, _ = fmcib_grid(volume)
+    start = np.trunc(seed - first).astype(int) - 25
+    np.testing.assert_allclose(lesion_patch_centre(volume, seed), first + start + 24.5)
+    assert np.all(np.abs(lesion_patch_centre(volume, seed) - seed) <= 1.5)
 
 
 def test_seed_outside_the_image_is_refused():
-    volume = _anisotropic_ct()
+    volume = _raw_ct(np.eye(3))
     outside = volume.index_to_lps([-5.0, 10.0, 10.0])
     with pytest.raises(CLEARInputError, match="lies outside the image"):
         extract_lesion_patch(volume, outside)

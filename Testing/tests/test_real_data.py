@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from CLEARLib.io import CTVolume, read_ct
-from CLEARLib.preprocess import extract_lesion_patch, extract_lesion_patch_whole_volume
+from CLEARLib.preprocess import extract_lesion_patch, fmcib_reference_patch
 
 ROOT = Path(os.environ.get("CLEAR_REAL_DATA", "/nonexistent"))
 pytestmark = pytest.mark.skipif(
@@ -48,7 +48,7 @@ def test_lesion_patch_on_a_labelled_lung_lesion(case):
     assert label.shape == volume.shape
     centroid_lps = volume.index_to_lps(np.argwhere(label.hu > 0).mean(axis=0))
     patch = extract_lesion_patch(volume, centroid_lps)
-    np.testing.assert_allclose(patch, extract_lesion_patch_whole_volume(volume, centroid_lps), atol=2e-6)
+    np.testing.assert_allclose(patch, fmcib_reference_patch(volume, centroid_lps, border="centred"), atol=1e-5)
     # A solid lung lesion: soft-tissue density at the centre, lung parenchyma around it.
     centre_hu = patch[23:28, 23:28, 23:28].mean() * 3072 - 1024
     assert -300 < centre_hu < 300, centre_hu

@@ -40,7 +40,16 @@ class LesionResult:
 
 
 class LesionPredictor:
-    def __init__(self, bundle: Bundle | str | os.PathLike, device="auto", batch_size: int | None = None):
+    """Runs a lesion bundle at seed points. `border`: "centred" (default: the patch stays centred on the
+    seed near the image border) or "fmcib" (FMCIB's clamp-then-pad crop); see `extract_lesion_patch`."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        device="auto",
+        batch_size: int | None = None,
+        border: str = "centred",
+    ):
         self.device = resolve_device(device)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if self.bundle.kind != "lesion":
@@ -49,6 +58,9 @@ class LesionPredictor:
         self.batch_size = batch_size or default_batch_size(self.device, per_item_mb=600.0, cpu_default=4)
         pre = self.bundle.manifest.preprocessing
         self.patch_size, self.spacing_mm = pre.patch_size, pre.spacing_mm
+        if border not in ("centred", "fmcib"):
+            raise CLEARInputError(f"border must be 'centred' or 'fmcib', got {border!r}")
+        self.border = border
 
     def _features(self, volume, seeds_lps, timer, progress=None, cancel=None) -> np.ndarray:
         out = np.empty((len(seeds_lps), self.bundle.manifest.encoder.feature_dim), dtype=np.float32)
@@ -56,7 +68,7 @@ class LesionPredictor:
         def make_batch(start, stop):
             with timer("patch"):
                 patches = [
-                    extract_lesion_patch(volume, s, "LPS", self.patch_size, self.spacing_mm)
+                    extract_lesion_patch(volume, s, "LPS", self.patch_size, self.spacing_mm, self.border)
                     for s in seeds_lps[start:stop]
                 ]
                 return torch.from_numpy(np.stack(patches)[:, None]).to(self.device)

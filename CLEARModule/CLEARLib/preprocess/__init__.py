@@ -2,7 +2,8 @@
 
 from .lesion import (
     extract_lesion_patch,
-    extract_lesion_patch_whole_volume,
+    fmcib_grid,
+    fmcib_reference_patch,
     lesion_patch_centre,
     normalize_hu,
     seed_to_lps,
@@ -16,7 +17,8 @@ __all__ = [
     "SliceInstances",
     "Window",
     "extract_lesion_patch",
-    "extract_lesion_patch_whole_volume",
+    "fmcib_grid",
+    "fmcib_reference_patch",
     "lesion_patch_centre",
     "normalize_hu",
     "resolve_window",
