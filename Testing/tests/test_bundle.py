@@ -290,3 +290,74 @@ def test_encoder_hash_identifies_weights(tiny_case_bundle, tmp_path):
     )
     assert read_manifest(changed).encoder.weights_sha256 != read_manifest(tiny_case_bundle).encoder.weights_sha256
     assert np.isfinite(bundle.manifest.encoder.feature_dim)
+
+
+# --------------------------------------------------------------------------- MambaOut (timm, original)
+def _timm_mambaout_with_classifier():
+    """A real timm MambaOut with its ImageNet-style MLP classifier, as timm's pretrained files hold it."""
+    import timm
+
+    torch.manual_seed(4)
+    return timm.create_model("mambaout_femto", pretrained=False, num_classes=10, **TINY_MAMBAOUT).eval()
+
+
+def _original_layout(state: dict) -> dict:
+    """timm's names back to the MambaOut repository's (the inverse of timm's checkpoint filter)."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        if k.startswith("head.norm."):
+            k = k.replace("head.norm.", "norm.")
+        k = k.replace("head.pre_logits.fc.", "head.fc1.").replace("head.pre_logits.norm.", "head.norm.")
+        k = k.replace("head.fc.", "head.fc2.").replace("stem.", "downsample_layers.0.")
+        k = re.sub(r"stages\.([0-9]+)\.downsample", r"downsample_layers.\1", k)
+        k = re.sub(r"stages\.([0-9]+)\.blocks\.([0-9]+)", r"stages.\1.\2", k)
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("layout", ["timm safetensors", "original checkpoint"])
+def test_convert_mambaout_imagenet_weights(tmp_path, layout):
+    from CLEARLib.bundle.convert import convert_mambaout
+
+    model = _timm_mambaout_with_classifier()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if layout == "timm safetensors":
+        source = tmp_path / "model.safetensors"
+        save_file(state, source)
+    else:
+        original = _original_layout(state)
+        assert "downsample_layers.0.conv1.weight" in original and "stem.conv1.weight" not in original
+        source = tmp_path / "mambaout_femto.pth"
+        torch.save({"model": _original_layout(state)}, source)
+    path = convert_mambaout(source, tmp_path / "in1k.zip", "mambaout_femto", encoder_kwargs=TINY_MAMBAOUT)
+    bundle = load_bundle(path)
+    manifest = bundle.manifest
+    assert manifest.kind == "case" and bundle.head is None
+    assert manifest.provenance["dropped_classifier_keys"] == sorted(
+        k for k in state if k.startswith(("head.pre_logits.", "head.fc."))
+    )
+    assert manifest.provenance["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert bundle.input_spec.mean == (0.485, 0.456, 0.406)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.head.norm(model.forward_features(x).mean(dim=(1, 2)))  # pooled, normed features
+        torch.testing.assert_close(bundle.encoder(x), expected)
+
+
+def test_convert_mambaout_is_strict_beyond_the_classifier(tmp_path):
+    from CLEARLib.bundle.convert import convert_mambaout
+
+    state = {k: v.contiguous() for k, v in _timm_mambaout_with_classifier().state_dict().items()}
+    del state["stages.1.blocks.0.norm.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CLEARInputError, match="missing: model.stages.1.blocks.0.norm.weight"):
+        convert_mambaout(
+            tmp_path / "model.safetensors", tmp_path / "b.zip", "mambaout_femto", encoder_kwargs=TINY_MAMBAOUT
+        )
+    with pytest.raises(CLEARInputError, match="not a MambaOut encoder"):
+        convert_mambaout(tmp_path / "model.safetensors", tmp_path / "b.zip", "vit_conv_base")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CLEARInputError, match="not a valid safetensors file"):
+        convert_mambaout(tmp_path / "broken.safetensors", tmp_path / "b.zip", "mambaout_femto")

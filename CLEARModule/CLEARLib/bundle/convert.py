@@ -4,10 +4,13 @@ tensors and plain containers only, never arbitrary pickled objects.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors_file
 
 from ..errors import CLEARInputError
 from ..models import create_encoder, encoder_entry
@@ -16,6 +19,8 @@ from .store import load_state_strict, save_bundle
 
 # Heads that pretraining puts on the encoder (projector, predictor, classifier); never part of an encoder.
 _TRAINING_HEAD_PREFIXES = ("head.", "fc.", "projector.", "predictor.")
+# timm MambaOut's ImageNet classifier: the MLP after the pooled norm. CLEAR's embedding is the pooled norm.
+_MAMBAOUT_CLASSIFIER_PREFIXES = ("head.pre_logits.", "head.fc.")
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -124,4 +129,77 @@ def convert_moco(
         input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
         description=f"{architecture} slice encoder from a contrastive pretraining checkpoint (no head)",
         provenance={"converted_from": Path(checkpoint).name, "converter": "moco"},
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mambaout_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """MambaOut weights in timm's layout, without the ImageNet classifier: (state, dropped key names).
+
+    Reads timm's `model.safetensors` (safetensors, no pickle) or a torch checkpoint in timm's or the
+    original MambaOut repository's layout (`model`/`state_dict` wrappers, `downsample_layers.*`,
+    `stages.i.j.*`), renamed by timm's own `checkpoint_filter_fn`.
+    """
+    from timm.models.mambaout import checkpoint_filter_fn
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CLEARInputError("no such weights file", path)
+        try:
+            state = load_safetensors_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CLEARInputError(f"not a valid safetensors file: {exc}", path) from exc
+    else:
+        checkpoint = _load_checkpoint(path)
+        state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+        if not isinstance(state, dict):
+            raise CLEARInputError("the checkpoint's state dict is not a dict", path)
+    state = checkpoint_filter_fn(_tensors_only(dict(state), path), None)
+    dropped = sorted(k for k in state if k.startswith(_MAMBAOUT_CLASSIFIER_PREFIXES))
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+def convert_mambaout(
+    weights: str | os.PathLike,
+    out: str | os.PathLike,
+    architecture: str = "mambaout_tiny",
+    name: str | None = None,
+    windows=("abdomen", "lung"),
+    input_size: int = 224,
+    encoder_kwargs: dict | None = None,
+) -> Path:
+    """MambaOut weights (timm's ImageNet `mambaout_*.in1k` files, or the original repository's
+    checkpoints) into an encoder-only case bundle: the classifier's keys are dropped by name, every
+    other key must match the encoder exactly. ImageNet normalisation, as the weights were trained."""
+    if not architecture.startswith("mambaout_"):
+        raise CLEARInputError(f"{architecture} is not a MambaOut encoder; use one of mambaout_femto ... mambaout_base")
+    encoder_entry(architecture)
+    weights = Path(weights)
+    state, dropped = mambaout_state(weights)
+    encoder = create_encoder(architecture, **(encoder_kwargs or {}))
+    # CLEAR's wrapper holds timm's network as `.model`.
+    load_state_strict(encoder, {f"model.{k}": v for k, v in state.items()}, f"{architecture} encoder", weights)
+    spec = encoder_entry(architecture).input_spec
+    return save_bundle(
+        out,
+        name=name or f"{architecture}-{weights.stem}",
+        kind="case",
+        encoder=encoder,
+        windows=windows,
+        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
+        description=f"{architecture} slice encoder from {weights.name} (pooled, normed features; no head)",
+        provenance={
+            "converted_from": weights.name,
+            "source_sha256": _file_sha256(weights),
+            "converter": "mambaout",
+            "dropped_classifier_keys": dropped,
+        },
     )
