@@ -21,10 +21,9 @@ from clear_training.lesion import (
     SimCLRModel,
     export_lesion_bundle,
     finetune_views,
-    fmcib_loss,
-    nt_xent,
     simclr_views,
 )
+from clear_training.losses import fmcib_background_loss, nt_xent
 from CLEARLib.bundle import load_bundle
 from CLEARLib.cli import main as ct_main
 from CLEARLib.io import write_volume
@@ -93,19 +92,50 @@ def _nt_xent_by_hand(z1, z2, t):
     return np.mean(losses)
 
 
+def _fmcib_criterion_by_hand(z1, z2, b1, b2, t):
+    """FMCIB's NegativeMiningInfoNCECriterion written out for one process: rows [pos0, pos1, neg0, neg1]
+    normalised together; positive mask pairs pos0[i] with pos1[i]; the negative mask keeps both
+    background views of every other item; loss over the 2B lesion rows."""
+    b = len(z1)
+    e = np.concatenate([z1, z2, b1, b2])
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    similarity = np.exp(e @ e.T / t)
+    pos_mask, neg_mask = np.zeros((4 * b, 4 * b)), np.zeros((4 * b, 4 * b))
+    for anchor, other in ((0, 1), (1, 0)):
+        for i in range(b):
+            pos_mask[anchor * b + i, other * b + i] = 1
+            for j in range(b):
+                if j != i:
+                    neg_mask[anchor * b + i, [2 * b + j, 3 * b + j]] = 1
+    pos = (similarity * pos_mask).sum(1)[: 2 * b]
+    neg = (similarity * neg_mask).sum(1)[: 2 * b]
+    return -np.mean(np.log(pos / (pos + neg)))
+
+
 def test_losses_by_hand():
     rng = np.random.default_rng(0)
-    z1, z2, zb = rng.normal(size=(5, 6)), rng.normal(size=(5, 6)), rng.normal(size=(3, 6))
+    z1, z2, b1, b2 = (rng.normal(size=(5, 6)) for _ in range(4))
     got = nt_xent(torch.tensor(z1), torch.tensor(z2), 0.1).item()
     assert got == pytest.approx(_nt_xent_by_hand(z1, z2, 0.1), rel=1e-6)
-    n = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
-    expected = []
-    for a, p in ((n(z1), n(z2)), (n(z2), n(z1))):
-        pos = (a * p).sum(1) / 0.1
-        neg = a @ n(zb).T / 0.1
-        expected.append(np.mean(-pos + np.log(np.exp(pos) + np.exp(neg).sum(1))))
-    got = fmcib_loss(torch.tensor(z1), torch.tensor(z2), torch.tensor(zb), 0.1).item()
-    assert got == pytest.approx(np.mean(expected), rel=1e-6)
+    got = fmcib_background_loss(*(torch.tensor(a) for a in (z1, z2, b1, b2)), 0.1).item()
+    assert got == pytest.approx(_fmcib_criterion_by_hand(z1, z2, b1, b2, 0.1), rel=1e-6)
+    # The item's own background is never a negative: with one item there are none, and the loss is 0.
+    alone = fmcib_background_loss(*(torch.tensor(a[:1]) for a in (z1, z2, b1, b2)), 0.1).item()
+    assert alone == pytest.approx(0.0, abs=1e-7)
+
+
+def test_simclr_crop_scales_each_axis():
+    """Scale s takes a crop of side 50 s along every axis (MONAI RandScaleCrop), not a volume fraction s:
+    on a linear ramp along x, the resized view spans s times the patch's intensity range."""
+    ramp = torch.linspace(0, 1, 70).view(1, 1, 1, 1, 70).expand(1, 1, 70, 70, 70).contiguous()
+    for s in (0.5, 0.8):
+        spans = []
+        for seed in range(40):
+            view = simclr_views(ramp, 10, (s, s), torch.Generator().manual_seed(seed))
+            line = view[0, 0, 25, 25]
+            if torch.all(line[1:] >= line[:-1] - 1e-6) or torch.all(line[1:] <= line[:-1] + 1e-6):
+                spans.append(float(line.max() - line.min()))  # unflipped or flipped, unsmoothed-enough lines
+        assert np.median(spans) == pytest.approx(s * 49 / 69, rel=0.1), (s, np.median(spans))
 
 
 def test_region_cache_views_and_background_patches(seed_table):
@@ -117,10 +147,14 @@ def test_region_cache_views_and_background_patches(seed_table):
     seeds = trainer.seeds
     lesion_hu = regions[0, 35, 35, 35] * 3072 - 1024
     assert lesion_hu == pytest.approx(150 if seeds.label[0] == "dense" else -20, abs=30)
-    v1, v2, bg = trainer.make_batch(np.array([0, 1, 2, 3]), seed=5)
+    v1, v2 = trainer.make_batch(np.array([0, 1, 2, 3]), seed=5)  # ntxent: lesion views only
     assert v1.shape == (4, 1, 50, 50, 50) and not torch.equal(v1, v2)
     again = trainer.make_batch(np.array([0, 1, 2, 3]), seed=5)
-    assert all(torch.equal(a, b) for a, b in zip((v1, v2, bg), again, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip((v1, v2), again, strict=True))
+    trainer.config.method.loss = "fmcib"
+    views = trainer.make_batch(np.array([0, 1, 2, 3]), seed=5)
+    assert len(views) == 4 and trainer.views_per_item == 4
+    assert not torch.equal(views[2], views[3])  # two views of one background patch
     x = finetune_views(torch.from_numpy(regions[:1][None].copy()), 10, torch.Generator().manual_seed(0))
     assert x.shape == (1, 1, 50, 50, 50)
     views = simclr_views(torch.from_numpy(regions[:1][None].copy()), 10, (0.5, 1.0), torch.Generator().manual_seed(1))
@@ -134,7 +168,9 @@ def test_pretraining_lowers_the_loss_resumes_exactly_and_exports(seed_table, cap
     part.fit()
     rest = LesionPretrainer(_config(seed_table, "resumed", run__max_steps=6, method__loss="fmcib")).fit()
     assert [r["loss"] for r in rest] == [r["loss"] for r in history[3:]]
-    long = LesionPretrainer(_config(seed_table, "long", run__epochs=15, optim__name="adamw", optim__lr=0.3))
+    long = LesionPretrainer(
+        _config(seed_table, "long", run__epochs=15, optim__name="adamw", optim__lr=0.3, method__crop_scale=[0.8, 1.0])
+    )
     losses = [r["loss"] for r in long.fit()]
     assert np.mean(losses[-6:]) < np.mean(losses[:6]), losses
     bundle_path = export_lesion_bundle(seed_table / "long" / "last.pt", seed_table / "simclr.zip")
@@ -179,7 +215,7 @@ def _model():
 
 def _views():
     g = torch.Generator().manual_seed(3)
-    return [torch.rand(4, 1, 50, 50, 50, generator=g) for _ in range(3)]
+    return [torch.rand(4, 1, 50, 50, 50, generator=g) for _ in range(4)]
 
 
 def _ddp_worker(rank, world, port, loss_name, out):
@@ -192,8 +228,8 @@ def _ddp_worker(rank, world, port, loss_name, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = DistributedDataParallel(_model())
     half = slice(rank * 2, rank * 2 + 2)
-    z1, z2, zb = model(*(v[half] for v in _views()))
-    loss = nt_xent(z1, z2, 0.1) if loss_name == "ntxent" else fmcib_loss(z1, z2, zb, 0.1)
+    z1, z2, b1, b2 = model(*(v[half] for v in _views()))
+    loss = nt_xent(z1, z2, 0.1) if loss_name == "ntxent" else fmcib_background_loss(z1, z2, b1, b2, 0.1)
     loss.backward()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -208,8 +244,8 @@ def test_two_process_ddp_equals_one_process(tmp_path, loss_name):
     mp.spawn(_ddp_worker, args=(2, _free_port(), loss_name, str(out)), nprocs=2, join=True)
     distributed = torch.load(out, weights_only=True)
     model = _model()
-    z1, z2, zb = model(*_views())
-    loss = nt_xent(z1, z2, 0.1) if loss_name == "ntxent" else fmcib_loss(z1, z2, zb, 0.1)
+    z1, z2, b1, b2 = model(*_views())
+    loss = nt_xent(z1, z2, 0.1) if loss_name == "ntxent" else fmcib_background_loss(z1, z2, b1, b2, 0.1)
     loss.backward()
     assert distributed["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     for name, p in model.named_parameters():

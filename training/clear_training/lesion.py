@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -27,7 +26,7 @@ from torch import nn
 from CLEARLib.models import LinearHead, create_encoder
 
 from .config import OptimConfig, RunConfig, _Strict
-from .distributed import rank_and_world
+from .losses import fmcib_background_loss, nt_xent
 from .trainer import DistributedTrainer
 
 log = logging.getLogger(__name__)
@@ -121,18 +120,13 @@ def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> 
 
 
 # ----------------------------------------------------------------------------------- 3D views
-def _gaussian_blur3d(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    for dim in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + dim] = -1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(shape))
-    return x
+def gaussian_smooth3d(x: torch.Tensor, sigma_xyz) -> torch.Tensor:
+    """MONAI's Gaussian filter (what its RandGaussianSmooth applies) with one sigma per axis, in voxels."""
+    from monai.networks.layers import GaussianFilter
+
+    # Patches are [B, 1, z, y, x]: MONAI's spatial dims run in array order, so x's sigma goes last.
+    sigma = [float(v) for v in reversed(list(sigma_xyz))]
+    return GaussianFilter(spatial_dims=3, sigma=sigma).to(x.device)(x)
 
 
 def histogram_shift(x: torch.Tensor, generator, n_points: int = 6, amount: float = 0.05) -> torch.Tensor:
@@ -154,27 +148,35 @@ def histogram_shift(x: torch.Tensor, generator, n_points: int = 6, amount: float
 
 
 def simclr_views(regions: torch.Tensor, margin: int, scale, generator) -> torch.Tensor:
-    """[B, 1, S, S, S] cached regions -> [B, 1, 50, 50, 50] views: random resized crop of the central
-    patch (volume fraction in `scale`), axis flips, histogram shift, Gaussian smoothing."""
+    """[B, 1, S, S, S] cached regions -> [B, 1, 50, 50, 50] views, FMCIB's SimCLR augmentations:
+    random resized crop of the central patch (each axis scaled by one factor drawn from `scale`, MONAI
+    RandScaleCrop semantics: 0.5 on 50^3 is 25^3, resized back to 50^3), a flip along one random axis
+    with p 0.5, histogram shift with p 0.5, and Gaussian smoothing with p 0.5 and sigma drawn per axis
+    from 0.25-1.5 voxels."""
     b, s = regions.shape[0], regions.shape[-1]
     device = regions.device
-    fraction = torch.rand(b, generator=generator, device=device) * (scale[1] - scale[0]) + scale[0]
-    side = PATCH * fraction ** (1 / 3)  # voxels of the crop
+    factor = torch.rand(b, generator=generator, device=device) * (scale[1] - scale[0]) + scale[0]
+    side = PATCH * factor  # voxels of the crop along every axis
     half = side / s  # normalised half-extent of the crop within the region
     room = (PATCH - side) / s  # the crop stays inside the central 50 mm patch
     centre = (torch.rand(b, 3, generator=generator, device=device) * 2 - 1) * room[:, None]
-    flips = torch.where(torch.rand(b, 3, generator=generator, device=device) < 0.5, -1.0, 1.0)
+    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    flip_axis = torch.randint(0, 3, (b,), generator=generator, device=device)
+    signs = torch.ones(b, 3, device=device)
+    signs[flip, flip_axis[flip]] = -1.0
     theta = torch.zeros(b, 3, 4, device=device)
     for axis in range(3):
-        theta[:, axis, axis] = half * flips[:, axis]
+        theta[:, axis, axis] = half * signs[:, axis]
         theta[:, axis, 3] = centre[:, axis]
     grid = F.affine_grid(theta, [b, 1, PATCH, PATCH, PATCH], align_corners=False)
     x = F.grid_sample(regions, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    x = histogram_shift(x, generator)
-    sigma = torch.rand(b, generator=generator, device=device) * 1.0
+    shift = torch.rand(b, generator=generator, device=device) < 0.5
+    if shift.any():
+        x[shift] = histogram_shift(x[shift], generator)
     smooth = torch.rand(b, generator=generator, device=device) < 0.5
+    sigmas = torch.rand(b, 3, generator=generator, device=device) * 1.25 + 0.25
     for i in torch.nonzero(smooth).flatten().tolist():
-        x[i : i + 1] = _gaussian_blur3d(x[i : i + 1], 0.25 + float(sigma[i]))
+        x[i : i + 1] = gaussian_smooth3d(x[i : i + 1], sigmas[i].tolist())
     return x
 
 
@@ -209,47 +211,11 @@ class SimCLRModel(nn.Module):
         return [self.projector(self.encoder(v)) for v in views]
 
 
-def _gather_with_grad(z: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows in rank order; gradients flow back to the rank that made each row."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return z
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z), dim=0)
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent over the global batch: each view's positive is the other view of its item,
-    negatives are all other views; the mean over this rank's 2B anchors."""
-    rank, _ = rank_and_world()
-    b = z1.shape[0]
-    a1, a2 = _gather_with_grad(F.normalize(z1, dim=1)), _gather_with_grad(F.normalize(z2, dim=1))
-    everything = torch.cat([a1, a2])  # [2N, d]
-    n = a1.shape[0]
-    anchors = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])  # local [2B, d]
-    own = torch.cat([torch.arange(b) + rank * b, torch.arange(b) + rank * b + n]).to(z1.device)
-    positive = torch.cat([own[b:], own[:b]])
-    logits = anchors @ everything.t() / temperature
-    logits = logits.masked_fill(F.one_hot(own, 2 * n).bool(), float("-inf"))
-    return F.cross_entropy(logits, positive)
-
-
-def fmcib_loss(z1: torch.Tensor, z2: torch.Tensor, background: torch.Tensor, temperature: float) -> torch.Tensor:
-    """FMCIB's variant: a lesion view's positive is the other view of the lesion, its negatives are the
-    background patches (of all ranks); both views serve as anchors."""
-    neg = _gather_with_grad(F.normalize(background, dim=1))
-    losses = []
-    for anchor, other in ((z1, z2), (z2, z1)):
-        a, p = F.normalize(anchor, dim=1), F.normalize(other, dim=1)
-        logits = torch.cat([(a * p).sum(1, keepdim=True), a @ neg.t()], dim=1) / temperature
-        losses.append(F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device)))
-    return (losses[0] + losses[1]) / 2
-
-
 # -------------------------------------------------------------------------------------- trainers
 class LesionPretrainer(DistributedTrainer):
-    views_per_item = 3
+    @property
+    def views_per_item(self) -> int:  # two views of the lesion, and for FMCIB's loss two of a background patch
+        return 4 if self.config.method.loss == "fmcib" else 2
 
     def prepare_data(self) -> int:
         self.seeds = read_seeds(self.config.data.seeds)
@@ -270,21 +236,19 @@ class LesionPretrainer(DistributedTrainer):
         pick = torch.randint(1, regions.shape[1], (len(rows),), generator=generator, device=self.device)
         background = regions[torch.arange(len(rows), device=self.device), pick][:, None]
         margin, scale = self.config.data.margin, self.config.method.crop_scale
-        return (
-            simclr_views(lesion, margin, scale, generator),
-            simclr_views(lesion, margin, scale, generator),
-            simclr_views(background, margin, scale, generator),
-        )
+        views = [simclr_views(lesion, margin, scale, generator) for _ in range(2)]
+        if self.config.method.loss == "fmcib":
+            views += [simclr_views(background, margin, scale, generator) for _ in range(2)]
+        return tuple(views)
 
     def compute_loss(self, batch, epoch_f):
-        v1, v2, background = batch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            z1, z2, zb = self.ddp(v1, v2, background)
+            z = [v.float() for v in self.ddp(*batch)]
         method = self.config.method
         if method.loss == "fmcib":
-            loss = fmcib_loss(z1.float(), z2.float(), zb.float(), method.temperature)
+            loss = fmcib_background_loss(*z, method.temperature)
         else:
-            loss = nt_xent(z1.float(), z2.float(), method.temperature)
+            loss = nt_xent(*z, method.temperature)
         return loss, {}
 
 
