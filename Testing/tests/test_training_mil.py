@@ -203,3 +203,45 @@ def test_shipped_mil_configs_validate():
         config = load_config(path, model=MilConfig)
         assert config.train.lr == 1e-4 and config.train.batch_size == 128 and config.train.epochs == 32
         assert config.train.patience == 8 and config.data.folds == 5
+        if "lesion_location" in path.name:  # DeepLesion: the pretraining hold-out is the test set
+            assert config.data.test_split.name == "deeplesion-store-splits.csv" and config.data.pretrain_store
+
+
+def _slice_store(path, patients):
+    from clear_training.data.store import SliceRecord, SliceStoreWriter
+
+    writer = SliceStoreWriter(path, size=8, source="test")
+    for patient in patients:
+        record = SliceRecord(case_id=f"{patient}_01", patient_id=patient, slice_index=0, z_mm=0.0, spacing=(1, 1, 1))
+        writer.add_case(np.zeros((1, 8, 8), np.int16), [record])
+    return writer.close()
+
+
+def test_deeplesion_test_set_is_the_pretraining_holdout(tmp_path):
+    from clear_training.mil import Bags, make_splits
+
+    _synthetic_cohort(tmp_path, n_cases=40)  # patients p000..p019, two cases each
+    patients = [f"p{i:03d}" for i in range(20)]
+    held_out = {"p001", "p004", "p007", "p010", "p013"}
+    splits_csv = tmp_path / "store-splits.csv"  # what prepare-deeplesion writes beside its store
+    pd.DataFrame({"patient_id": patients, "split": ["test" if p in held_out else "pretrain" for p in patients]}).to_csv(
+        splits_csv, index=False
+    )
+    pretrained = [p for p in patients if p not in held_out]
+    config = _mil_config(
+        tmp_path, test_split=str(splits_csv), pretrain_store=str(_slice_store(tmp_path / "s", pretrained))
+    )
+    splits = make_splits(Bags(config.data), config.data, seed=0)
+    assert set(splits.patient_id[splits.split == "test"]) == held_out  # exactly the hold-out, not a new draw
+    assert sorted(set(splits.split) - {"test"}) == ["fold0", "fold1", "fold2"]
+    # A test patient in the store the encoder was pretrained on stops the run, naming it.
+    leaky = _mil_config(tmp_path, pretrain_store=str(_slice_store(tmp_path / "leaky", pretrained + ["p004"])))
+    leaky.data.test_split = splits_csv
+    with pytest.raises(ValueError, match=r"1 test patients were in the pretraining store .*p004"):
+        make_splits(Bags(leaky.data), leaky.data, seed=0)
+    # A random test split over a store of every patient is refused for the same reason.
+    drawn = _mil_config(tmp_path, test_fraction=0.2, pretrain_store=str(_slice_store(tmp_path / "all", patients)))
+    with pytest.raises(ValueError, match="test patients were in the pretraining store"):
+        make_splits(Bags(drawn.data), drawn.data, seed=0)
+    with pytest.raises(Exception, match="cannot use a fixed test_split"):
+        _mil_config(tmp_path, test_split=str(splits_csv), nested=True)

@@ -47,6 +47,14 @@ class MilData(_Strict):
     label_column: str | None = Field(None, description="multiclass: the column holding the class name")
     windows: list[str] | None = Field(None, description="use only these windows' instances (default: all)")
     test_fraction: float = Field(0.2, ge=0, lt=1)
+    test_split: Path | None = Field(
+        None,
+        description="DeepLesion: the pretraining hold-out that prepare-deeplesion saved (<store>-splits.csv); its "
+        "test patients are the test set (test_fraction is not used) and the folds come from the rest",
+    )
+    pretrain_store: Path | None = Field(
+        None, description="the slice store the encoder was pretrained on: a test patient found in it stops the run"
+    )
     folds: int = Field(5, ge=2)
     nested: bool = Field(False, description="small cohorts: outer folds are the test sets, no separate test set")
 
@@ -56,6 +64,8 @@ class MilData(_Strict):
             raise ValueError("multiclass needs label_column and at least two class names in labels")
         if self.task == "binary" and len(self.labels) != 1:
             raise ValueError("binary needs exactly one label column")
+        if self.nested and self.test_split is not None:
+            raise ValueError("nested cross-validation draws its own test sets; it cannot use a fixed test_split")
         return self
 
 
@@ -184,25 +194,62 @@ class Bags:
         return x.to(device), mask.to(device), y.to(device)
 
 
+def read_test_patients(path: Path) -> set[str]:
+    """The patients marked "test" in a split file (prepare-deeplesion's <store>-splits.csv)."""
+    table = pd.read_csv(path, dtype={"patient_id": str})
+    if not {"patient_id", "split"} <= set(table.columns):
+        raise ValueError(f"{path}: a split file needs the columns patient_id and split")
+    patients = set(table.loc[table.split == "test", "patient_id"])
+    if not patients:
+        raise ValueError(f"{path}: no patient is marked 'test'")
+    return patients
+
+
+def _check_test_not_pretrained(test_patients: set[str], store: Path) -> None:
+    from .data.store import SliceStore
+
+    seen = sorted(test_patients & set(SliceStore(store).index.patient_id))
+    if seen:
+        raise ValueError(
+            f"{len(seen)} test patients were in the pretraining store {store} (e.g. {', '.join(seen[:5])}): "
+            "the encoder has seen them; use the store's split file as data.test_split"
+        )
+
+
 def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
-    """Patient-level, label-stratified: a test set (unless nested), then `folds` validation folds."""
-    strata, groups = bags.strata(), bags.patients
+    """Patient-level, label-stratified: a test set (unless nested), then `folds` validation folds.
+
+    With `data.test_split` the test set is exactly that file's test patients (DeepLesion: the patients
+    held out of pretraining, as the paper evaluates), and the folds are drawn from the other cases.
+    """
     split = np.full(len(bags), "", dtype=object)
+    strata, groups = bags.strata(), bags.patients
     if data.nested:
         folds = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed)
         for k, (_, held) in enumerate(folds.split(np.zeros(len(bags)), strata, groups)):
             split[held] = f"outer{k}"
     else:
-        rest = np.arange(len(bags))
-        if data.test_fraction > 0:
+        if data.test_split is not None:
+            test_patients = read_test_patients(data.test_split)
+            is_test = np.isin(groups, sorted(test_patients))
+            if not is_test.any():
+                raise ValueError(
+                    f"none of the {len(test_patients)} test patients of {data.test_split} is in {data.table}; "
+                    "patient IDs must be written the same way in both (e.g. 000123)"
+                )
+            split[is_test] = "test"
+        elif data.test_fraction > 0:
             n_splits = max(2, round(1 / data.test_fraction))
             outer = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
             train_idx, test_idx = next(outer.split(np.zeros(len(bags)), strata, groups))
             split[test_idx] = "test"
-            rest = train_idx
+        rest = np.flatnonzero(split != "test")
         inner = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed + 1)
         for k, (_, val) in enumerate(inner.split(np.zeros(len(rest)), strata[rest], groups[rest])):
             split[rest[val]] = f"fold{k}"
+    if data.pretrain_store is not None:
+        tested = (split == "test") | np.char.startswith(split.astype(str), "outer")
+        _check_test_not_pretrained(set(groups[tested]), data.pretrain_store)
     return pd.DataFrame({"case_id": bags.case_ids, "patient_id": bags.patients, "split": split})
 
 
