@@ -51,8 +51,33 @@ def test_losses_against_hand_computation():
     for lam in (1.0, 3.0, 5.0):
         expected = _by_hand(q, k, 0.2, lambda s, lam=lam: lam * np.exp(s[key]).sum())
         assert lecl_loss(tq, tk, tkey, lam, 0.2).item() == pytest.approx(expected, rel=1e-6)
-    expected = _by_hand(q, k, 0.5, lambda s: np.exp(2.0 * s[key]).sum())
-    assert lecl_loss_public_variant(tq, tk, tkey, 2.0, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _authors_lesion_loss(q, k, key, weight, tau):
+    """The authors' contrastive_loss_lesion written out for one process: the denominator holds every
+    exp(s_ij) plus exp(weight * s_ij) for each key-slice key j other than the query's own key i."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    s = q @ k.T / tau
+    losses = []
+    for i in range(len(q)):
+        extra = sum(np.exp(weight * s[i, j]) for j in np.flatnonzero(key) if j != i)
+        losses.append(-(s[i, i] - np.log(np.exp(s[i]).sum() + extra)))
+    return float(np.mean(losses) * 2 * tau)
+
+
+def test_public_variant_is_the_authors_lesion_loss():
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    key = np.array([True, False, False, True, False, True])
+    tq, tk, tkey = torch.tensor(q), torch.tensor(k), torch.tensor(key)
+    for weight in (1.0, 2.0, 10.0):
+        expected = _authors_lesion_loss(q, k, key, weight, 0.5)
+        assert lecl_loss_public_variant(tq, tk, tkey, weight, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    # Weight 0, or no key slice in the batch: plain MoCo v3, as the authors' forward() does.
+    moco = moco_v3_loss(tq, tk, 0.5).item()
+    assert lecl_loss_public_variant(tq, tk, tkey, 0.0, 0.5).item() == pytest.approx(moco, rel=1e-12)
+    assert lecl_loss_public_variant(tq, tk, torch.zeros(6, dtype=torch.bool), 3.0, 0.5).item() == pytest.approx(moco)
 
 
 def test_lecl_with_lambda_zero_is_moco():
@@ -66,6 +91,30 @@ def test_lecl_with_lambda_zero_is_moco():
     (gb,) = torch.autograd.grad(b, q)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
     assert lecl_loss(q, k, key, 3.0, 0.2).item() > a.item()  # key-slice keys weigh more in the denominator
+
+
+def test_moco_heads_and_vit_initialisation_follow_moco_v3():
+    from clear_training.moco import MoCo
+
+    model = MoCo("mambaout_femto", TINY_ENCODER, dim=16, mlp_dim=32)
+    last = model.predictor[-1]
+    assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine  # as the projector's last layer
+    assert len([m for m in model.base_projector if isinstance(m, torch.nn.Linear)]) == 2  # CNN-like default
+    authors = MoCo("mambaout_femto", TINY_ENCODER, dim=16, mlp_dim=32, projector_layers=3)
+    assert len([m for m in authors.base_projector if isinstance(m, torch.nn.Linear)]) == 3
+    vit = MoCo("vit_conv_small", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}, dim=16, mlp_dim=32)
+    blocks = vit.base_encoder.model.blocks
+    qkv = blocks[0].attn.qkv.weight
+    bound = np.sqrt(6.0 / (qkv.shape[0] // 3 + qkv.shape[1]))
+    assert qkv.abs().max().item() <= bound and qkv.abs().max().item() > 0.9 * bound  # uniform in +-bound
+    fc1 = blocks[1].mlp.fc1.weight
+    xavier = np.sqrt(6.0 / (fc1.shape[0] + fc1.shape[1]))
+    assert fc1.abs().max().item() <= xavier and fc1.abs().max().item() > 0.9 * xavier
+    assert torch.count_nonzero(blocks[0].attn.qkv.bias) == 0
+    assert vit.base_encoder.model.cls_token.abs().max().item() < 1e-5
+    # The momentum encoder starts as an exact copy of the initialised base encoder.
+    for a, b in zip(vit.base_encoder.parameters(), vit.momentum_encoder.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------- DDP
@@ -215,6 +264,19 @@ def test_lesion_crop_is_centred_on_the_box_centre():
     assert view[0, 0, 0, 12] < 0.5 and view[0, 0, 23, 12] < 0.5
 
 
+def test_authors_lesion_crop_side_in_pixels():
+    """lesion_crop_px: the side is drawn in [low, high) pixels whatever the box size, centred on the box."""
+    boxes = torch.tensor([[100.0, 200.0, 110.0, 206.0]] * 2000)  # a 10 x 6 px lesion centred at (105, 203)
+    cfg = ViewConfig(lesion_crop_px=(145.0, 512.0))
+    crops = lesion_boxes(boxes, (512, 512), cfg, torch.Generator().manual_seed(0), "cpu")
+    side_px = crops[:, 2] * 512
+    assert side_px.min() >= 145 and side_px.max() < 512 and abs(side_px.mean().item() - (145 + 512) / 2) < 10
+    torch.testing.assert_close(crops[:, 0], torch.full((2000,), (105 + 0.5) / 512 * 2 - 1))
+    torch.testing.assert_close(crops[:, 1], torch.full((2000,), (203 + 0.5) / 512 * 2 - 1))
+    default = lesion_boxes(boxes, (512, 512), ViewConfig(), torch.Generator().manual_seed(0), "cpu")
+    assert (default[:, 2] * 512).max() <= 10 * 4.0 + 1e-4  # CLEAR's default: 1.5-4 x the longer side
+
+
 def test_views_are_reproducible_from_the_seed():
     hu = torch.randint(-1000, 1000, (4, 48, 48), dtype=torch.int16)
     bounds = torch.tensor([[-175.0, 275.0]] * 4)
@@ -307,6 +369,37 @@ def test_shipped_configs_reproduce_the_paper():
             assert config.run.epochs == 100 and config.run.warmup_epochs == 10 and config.optim.lr == 1e-4
             assert config.optim.batch_size == (1024 if config.model.encoder.startswith("vit") else 2048)
     assert sys.version_info >= (3, 11)
+
+
+def test_authors_preset_says_where_each_setting_comes_from():
+    """The authors' preset (training/configs/authors/) validates and holds their values for what the
+    paper leaves open; every setting line is marked [paper], [authors] or [CLEAR]."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "training" / "configs" / "authors" / "mambaout_lecl.yaml"
+    config = load_config(path)
+    assert config.method.tau == 1.0 and config.optim.weight_decay == 1e-6 and config.optim.betas == (0.9, 0.999)
+    assert config.data.crop_scale == (0.08, 1.0) and config.data.lesion_crop_px == (145, 512)
+    assert config.method.momentum_schedule == "constant" and config.method.loss_variant == "public"
+    assert config.model.projector_layers == 3 and config.model.predictor_last_bn
+    settings = [line for line in path.read_text().splitlines() if ":" in line and not line.startswith("#")]
+    sections = {"run:", "data:", "model:", "method:", "optim:"}
+    for line in settings:
+        if line.strip() not in sections and not line.strip().startswith(
+            ("name: mambaout_lecl_authors", "out_dir", "store")
+        ):
+            assert any(tag in line for tag in ("[paper]", "[authors]", "[CLEAR]")), line
+
+
+def test_constant_momentum_and_adam_betas_reach_the_trainer(tmp_path, deeplesion_store):
+    root, _, _ = deeplesion_store
+    overrides = {"run__max_steps": 3, "method__momentum_schedule": "constant", "optim__betas": [0.9, 0.999]}
+    trainer = Trainer(load_config(_config(tmp_path, root / "store", "authors", optim__name="adamw", **overrides)))
+    history = trainer.fit()
+    assert [r["momentum"] for r in history] == [0.99] * 3
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    cosine = Trainer(load_config(_config(tmp_path, root / "store", "cosine", run__max_steps=3))).fit()
+    assert cosine[-1]["momentum"] > 0.99  # MoCo v3's schedule rises from 0.99 towards 1
 
 
 def test_crop_grid_equals_affine_grid():

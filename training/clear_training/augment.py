@@ -30,6 +30,7 @@ class ViewConfig:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     lesion_context: tuple[float, float] = (1.5, 4.0)  # LeCL crop side = this x the lesion box's longer side
+    lesion_crop_px: tuple[float, float] | None = None  # the authors' LeCL crop: side uniform in [low, high) px
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
@@ -52,13 +53,17 @@ def random_resized_boxes(n: int, cfg: ViewConfig, generator, device) -> torch.Te
 
 def lesion_boxes(boxes_px: torch.Tensor, image_hw: tuple[int, int], cfg: ViewConfig, generator, device) -> torch.Tensor:
     """Square crops centred on lesion boxes (x1, y1, x2, y2 pixels), with a random size that keeps the
-    lesion inside: side = lesion side x U(lesion_context), never smaller than the lesion itself."""
+    lesion inside: side = lesion side x U(lesion_context), never smaller than the lesion itself. With
+    `cfg.lesion_crop_px` (the authors' code), side = U(lesion_crop_px) pixels whatever the lesion's size."""
     h, w = image_hw
     x1, y1, x2, y2 = boxes_px.to(device=device, dtype=torch.float32).unbind(1)
     centre_x = (x1 + x2) / 2  # the box centre ((x1 + x2) / 2, (y1 + y2) / 2), not a corner
     centre_y = (y1 + y2) / 2
-    side = torch.maximum(x2 - x1, y2 - y1).clamp(min=4.0)
-    side = side * _uniform(len(boxes_px), *cfg.lesion_context, generator, device)
+    if cfg.lesion_crop_px is not None:
+        side = _uniform(len(boxes_px), *cfg.lesion_crop_px, generator, device)
+    else:
+        side = torch.maximum(x2 - x1, y2 - y1).clamp(min=4.0)
+        side = side * _uniform(len(boxes_px), *cfg.lesion_context, generator, device)
     # Pixel centres to normalised coordinates (align_corners=False convention).
     cx = (centre_x + 0.5) / w * 2 - 1
     cy = (centre_y + 0.5) / h * 2 - 1

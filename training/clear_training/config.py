@@ -39,6 +39,11 @@ class DataConfig(_Strict):
     image_size: int = Field(224, ge=16)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     lesion_context: tuple[float, float] = (1.5, 4.0)
+    lesion_crop_px: tuple[float, float] | None = Field(
+        None,
+        description="the authors' LeCL crop: side uniform in [low, high) pixels of the stored slice, centred on the "
+        "box centre (their code: [145, 512)); default: lesion_context times the box's longer side",
+    )
 
     @field_validator("windows")
     @classmethod
@@ -54,6 +59,7 @@ class ModelConfig(_Strict):
     mlp_dim: int = Field(4096, ge=8)
     projector_layers: int | None = Field(None, ge=1, description="default: 3 for ViT, 2 otherwise")
     predictor_layers: int = Field(2, ge=1)
+    predictor_last_bn: bool = Field(True, description="predictor ends in BatchNorm(affine=False) (MoCo v3 ViT)")
     mlp_norm: Literal["batchnorm", "none"] = "batchnorm"
 
     @field_validator("encoder")
@@ -70,12 +76,16 @@ class MethodConfig(_Strict):
     loss_variant: Literal["paper", "public"] = "paper"
     tau: float = Field(0.2, gt=0)
     momentum: float = Field(0.99, ge=0, lt=1)
+    momentum_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: from `momentum` to 1 over training (MoCo v3); constant (the authors' default)"
+    )
 
 
 class OptimConfig(_Strict):
     name: Literal["adamw", "lars", "sgd"] = "adamw"
     lr: float = Field(1e-4, gt=0, description="base learning rate per 256 images; scaled by batch_size / 256")
     weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (MoCo v3's ViT; the authors: 0.9, 0.999)")
     batch_size: int = Field(2048, ge=2, description="global batch over all ranks")
     amp: bool = True
 

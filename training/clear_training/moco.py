@@ -7,6 +7,7 @@ it), `base_projector.*`, `predictor.*`, `momentum_encoder.*`, `momentum_projecto
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -33,6 +34,23 @@ def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn:
     return nn.Sequential(*layers)
 
 
+def moco_v3_vit_init(encoder: nn.Module) -> None:
+    """MoCo v3's ViT initialisation for pretraining: qkv weights uniform in +-sqrt(6 / (dim + 3 * dim / 3)),
+    treating q, k and v as separate matrices; every other Linear Xavier-uniform; biases 0; class token
+    N(0, 1e-6). (The conv stem keeps PyTorch's default initialisation, as in MoCo v3.)"""
+    vit = encoder.model
+    for name, module in vit.named_modules():
+        if isinstance(module, nn.Linear):
+            if "qkv" in name:
+                bound = math.sqrt(6.0 / float(module.weight.shape[0] // 3 + module.weight.shape[1]))
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(vit.cls_token, std=1e-6)
+
+
 class MoCo(nn.Module):
     def __init__(
         self,
@@ -43,6 +61,7 @@ class MoCo(nn.Module):
         projector_layers: int | None = None,
         predictor_layers: int = 2,
         mlp_norm: str = "batchnorm",
+        predictor_last_bn: bool = True,
     ):
         super().__init__()
         self.base_encoder = create_encoder(encoder, **(encoder_kwargs or {}))
@@ -50,7 +69,11 @@ class MoCo(nn.Module):
         if projector_layers is None:
             projector_layers = 3 if encoder.startswith("vit") else 2  # as MoCo v3 for ViT and for CNNs
         self.base_projector = build_mlp(projector_layers, width, mlp_dim, dim, last_bn=True, norm=mlp_norm)
-        self.predictor = build_mlp(predictor_layers, dim, mlp_dim, dim, last_bn=False, norm=mlp_norm)
+        # MoCo v3's ViT model and the authors' code (for every architecture) end the predictor in a
+        # BatchNorm without affine parameters, like the projector.
+        self.predictor = build_mlp(predictor_layers, dim, mlp_dim, dim, last_bn=predictor_last_bn, norm=mlp_norm)
+        if encoder.startswith("vit"):
+            moco_v3_vit_init(self.base_encoder)
         self.momentum_encoder = copy.deepcopy(self.base_encoder)
         self.momentum_projector = copy.deepcopy(self.base_projector)
         for p in (*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()):

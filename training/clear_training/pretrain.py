@@ -32,7 +32,10 @@ class Batcher:
         self.windows = resolve_windows(config.data.windows)
         self.bounds = torch.tensor([[w.low, w.high] for w in self.windows], device=device)
         self.view = ViewConfig(
-            size=config.data.image_size, scale=tuple(config.data.crop_scale), lesion_context=config.data.lesion_context
+            size=config.data.image_size,
+            scale=tuple(config.data.crop_scale),
+            lesion_context=config.data.lesion_context,
+            lesion_crop_px=config.data.lesion_crop_px,
         )
 
     def __call__(self, rows: np.ndarray, seed: int):
@@ -101,6 +104,7 @@ class Trainer(DistributedTrainer):
             projector_layers=model_cfg.projector_layers,
             predictor_layers=model_cfg.predictor_layers,
             mlp_norm=model_cfg.mlp_norm,
+            predictor_last_bn=model_cfg.predictor_last_bn,
         )
 
     def make_batch(self, rows, seed):
@@ -108,7 +112,10 @@ class Trainer(DistributedTrainer):
 
     def compute_loss(self, batch, epoch_f):
         x1, x2, y1, y2, is_key = batch
-        m = momentum(epoch_f, self.config.method.momentum, self.config.run.epochs)
+        method = self.config.method
+        m = method.momentum
+        if method.momentum_schedule == "cosine":
+            m = momentum(epoch_f, method.momentum, self.config.run.epochs)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             q1, q2, k1, k2 = self.ddp(x1, x2, y1, y2, m)
         loss = contrastive_loss(q1.float(), q2.float(), k1.float(), k2.float(), is_key, self.config.method)

@@ -40,10 +40,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def build_optimizer(name: str, params, weight_decay: float):
+def build_optimizer(name: str, params, weight_decay: float, betas=(0.9, 0.95)):
     params = [p for p in params if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay, betas=(0.9, 0.95))
+        return torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay, betas=tuple(betas))
     if name == "lars":
         return LARS(params, lr=0.0, weight_decay=weight_decay, momentum=0.9)
     if name == "sgd":
@@ -85,7 +85,8 @@ class DistributedTrainer:
             if self.dist.enabled
             else model
         )
-        self.optimizer = build_optimizer(config.optim.name, model.parameters(), config.optim.weight_decay)
+        optim = config.optim
+        self.optimizer = build_optimizer(optim.name, model.parameters(), optim.weight_decay, optim.betas)
         self.amp = config.optim.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.out_dir = Path(config.run.out_dir)
