@@ -197,14 +197,21 @@ def test_mil_config_errors(tmp_path):
 def test_shipped_mil_configs_validate():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("mil_*.yaml"))
-    assert len(configs) == 2
+    folder = Path(__file__).resolve().parents[2] / "training" / "configs"
+    configs = sorted(folder.glob("mil_*.yaml")) + sorted((folder / "authors").glob("mil_*.yaml"))
+    assert len(configs) == 3
     for path in configs:
         config = load_config(path, model=MilConfig)
         assert config.train.lr == 1e-4 and config.train.batch_size == 128 and config.train.epochs == 32
         assert config.train.patience == 8 and config.data.folds == 5
         if "lesion_location" in path.name:  # DeepLesion: the pretraining hold-out is the test set
             assert config.data.test_split.name == "deeplesion-store-splits.csv" and config.data.pretrain_store
+        else:  # staging on a small cohort: nested cross-validation, as the paper does
+            assert config.data.nested and config.data.test_split is None
+        if path.parent.name == "authors":
+            model, train = config.model, config.train
+            assert model.attention_dim == 256 and model.dropout == 0.5 and model.dropout_before_activation
+            assert train.weight_decay == 0.0 and train.class_balanced
 
 
 def _slice_store(path, patients):
@@ -245,3 +252,46 @@ def test_deeplesion_test_set_is_the_pretraining_holdout(tmp_path):
         make_splits(Bags(drawn.data), drawn.data, seed=0)
     with pytest.raises(Exception, match="cannot use a fixed test_split"):
         _mil_config(tmp_path, test_split=str(splits_csv), nested=True)
+
+
+def test_authors_abmil_head_and_class_balanced_loss(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from clear_training.mil import Bags, _loss, class_balance_weights
+    from CLEARLib.bundle import save_bundle
+    from CLEARLib.models import ABMIL, create_encoder
+
+    head = ABMIL(16, 3, hidden_dim=8, attention_dim=4, dropout=0.5, dropout_before_activation=True)
+    assert [type(m).__name__ for m in head.head] == ["LayerNorm", "Linear", "Dropout", "SiLU", "Linear"]
+    assert [type(m).__name__ for m in ABMIL(16, 3, dropout=0.5).head][2:4] == ["SiLU", "Dropout"]
+    # The head's order travels in the bundle manifest and comes back on loading.
+    encoder = create_encoder("mambaout_femto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    head = ABMIL(encoder.num_features, 2, hidden_dim=8, attention_dim=4, dropout=0.5, dropout_before_activation=True)
+    path = save_bundle(
+        tmp_path / "b.zip",
+        name="b",
+        kind="case",
+        encoder=encoder,
+        head=head,
+        labels=["a", "b"],
+        task="multilabel",
+        windows=["lung"],
+    )
+    loaded = load_bundle(path).head
+    assert loaded.dropout_before_activation and [type(m).__name__ for m in loaded.head][2] == "Dropout"
+    # Class balance from the training cases: BCE pos_weight = negatives / positives per label.
+    y = np.array([[1, 0], [0, 0], [0, 1], [0, 0], [1, 0], [0, 0]], dtype=np.float32)
+    bags = Bags.from_arrays(
+        [torch.zeros(2, 4)] * 6, y, [f"p{i}" for i in range(6)], [f"c{i}" for i in range(6)], "multilabel", ["a", "b"]
+    )
+    weights = class_balance_weights(bags, np.arange(6), "cpu")
+    torch.testing.assert_close(weights, torch.tensor([4 / 2, 5 / 1]))
+    logits, target = torch.randn(6, 2), torch.from_numpy(y)
+    by_hand = -(weights * target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean()
+    torch.testing.assert_close(_loss(logits, target, "multilabel", weights), by_hand)
+    # Cross-entropy: scikit-learn's "balanced" class weights, n / (n_classes * count).
+    classes = Bags.from_arrays(
+        [torch.zeros(2, 4)] * 4, np.array([0, 0, 0, 1]), list("pqrs"), list("wxyz"), "multiclass", ["lo", "hi"]
+    )
+    torch.testing.assert_close(class_balance_weights(classes, np.arange(4), "cpu"), torch.tensor([4 / 6, 4 / 2]))

@@ -74,6 +74,7 @@ class MilModel(_Strict):
     attention_dim: int = 128
     gated: bool = False
     dropout: float = Field(0.25, ge=0, lt=1)
+    dropout_before_activation: bool = Field(False, description="the authors' head: Linear -> Dropout -> SiLU")
 
 
 class MilTrain(_Strict):
@@ -82,6 +83,11 @@ class MilTrain(_Strict):
     batch_size: int = Field(128, ge=1, description="bags per batch (padded, with masks)")
     epochs: int = Field(32, ge=1)
     patience: int = Field(8, ge=1, description="early stopping: epochs without validation-loss improvement")
+    class_balanced: bool = Field(
+        False,
+        description="weight the loss by class balance of the training cases (the authors' code): BCE positives by "
+        "negatives/positives per label; cross-entropy classes by inverse frequency",
+    )
     amp: bool = Field(
         True, description="bf16 autocast where the hardware has fast bf16 (CUDA, or CPUs with AVX512-BF16/AMX)"
     )
@@ -254,14 +260,29 @@ def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------- training
-def _loss(logits, y, task):
+def _loss(logits, y, task, weights=None):
+    """`weights`: None, or class-balance weights (multiclass: per class; BCE: pos_weight per label)."""
     if task == "multiclass":
-        return F.cross_entropy(logits, y.long())
-    return F.binary_cross_entropy_with_logits(logits, y.float())
+        return F.cross_entropy(logits, y.long(), weight=weights)
+    return F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weights)
 
 
-def _predict(model, bags: Bags, index, device, batch_size: int):
-    """Probabilities, attention per bag and mean loss, in `index` order (batched by length inside)."""
+def class_balance_weights(bags: Bags, index: np.ndarray, device) -> torch.Tensor:
+    """From the training cases: BCE pos_weight = negatives / positives per label; cross-entropy weight
+    = n / (n_classes * count) per class (scikit-learn's "balanced"). A label or class absent from the
+    training cases gets weight 1."""
+    y = bags.y[index]
+    if bags.task == "multiclass":
+        counts = np.bincount(y.astype(int), minlength=len(bags.labels)).astype(np.float64)
+        weights = np.where(counts > 0, len(y) / (len(bags.labels) * np.maximum(counts, 1)), 1.0)
+    else:
+        positives = y.sum(0).astype(np.float64)
+        weights = np.where(positives > 0, (len(y) - positives) / np.maximum(positives, 1), 1.0)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _predict(model, bags: Bags, index, device, batch_size: int, weights=None):
+    """Probabilities, attention per bag and mean loss (weighted as in training), in `index` order."""
     model.eval()
     index = np.asarray(index)
     order = np.argsort([len(bags.features[i]) for i in index], kind="stable")
@@ -271,7 +292,7 @@ def _predict(model, bags: Bags, index, device, batch_size: int):
             where = order[start : start + batch_size]
             x, mask, y = bags.batch(index[where], device)
             logits, att = model(x, mask)
-            loss_sum += float(_loss(logits, y, bags.task)) * len(where)
+            loss_sum += float(_loss(logits.float(), y, bags.task, weights)) * len(where)
             p = probabilities(logits.float(), bags.task).cpu().numpy()
             for row, position in enumerate(where):
                 probs[position] = p[row]
@@ -299,8 +320,11 @@ def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, dev
     rng = np.random.default_rng(seed)
     n_out = len(bags.labels)
     m = config.model
-    model = ABMIL(bags.dim, n_out, m.hidden_dim, m.attention_dim, m.gated, m.dropout).to(device)
+    model = ABMIL(bags.dim, n_out, m.hidden_dim, m.attention_dim, m.gated, m.dropout, m.dropout_before_activation)
+    model = model.to(device)
+    # With weight_decay 0 this is exactly Adam (the authors' optimiser).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    weights = class_balance_weights(bags, train_idx, device) if config.train.class_balanced else None
     best, best_state, since, history = float("inf"), None, 0, []
     for epoch in range(config.train.epochs):
         model.train()
@@ -309,12 +333,12 @@ def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, dev
             x, mask, y = bags.batch(part, device)
             with _autocast(device, config.train.amp):
                 logits, _ = model(x, mask)
-            loss = _loss(logits.float(), y, bags.task)
+            loss = _loss(logits.float(), y, bags.task, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(part)
-        _, _, val_loss = _predict(model, bags, val_idx, device, config.train.batch_size)
+        _, _, val_loss = _predict(model, bags, val_idx, device, config.train.batch_size, weights)
         history.append({"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val_loss})
         log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, history[-1]["train_loss"], val_loss)
         if val_loss < best - 1e-6:

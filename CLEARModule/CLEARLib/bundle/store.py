@@ -96,6 +96,7 @@ def _head_kwargs(head: nn.Module) -> dict:
             "attention_dim": head.attention_V.out_features,
             "gated": head.attention_U is not None,
             "dropout": float(head.encoder[2].p),
+            "dropout_before_activation": bool(head.dropout_before_activation),
         }
     if isinstance(head, LinearHead):
         return {}

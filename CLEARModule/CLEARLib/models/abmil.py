@@ -27,21 +27,22 @@ class ABMIL(nn.Module):
         attention_dim: int = 128,
         gated: bool = False,
         dropout: float = 0.0,
+        dropout_before_activation: bool = False,
     ):
         super().__init__()
         if in_dim < 1 or n_outputs < 1:
             raise ValueError("in_dim and n_outputs must be positive")
+        self.dropout_before_activation = dropout_before_activation
         self.in_dim, self.n_outputs = in_dim, n_outputs
         self.encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention_V = nn.Linear(hidden_dim, attention_dim)
         self.attention_U = nn.Linear(hidden_dim, attention_dim) if gated else None
         self.attention_w = nn.Linear(attention_dim, 1)
+        # The authors' code drops out between the Linear and the SiLU; the paper only says "dropout allowed".
+        # Either order keeps the parameters at the same indices, so bundles load the same way.
+        middle = [nn.Dropout(dropout), nn.SiLU()] if dropout_before_activation else [nn.SiLU(), nn.Dropout(dropout)]
         self.head = nn.Sequential(
-            nn.LayerNorm(hidden_dim),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.SiLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, n_outputs),
+            nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, hidden_dim), *middle, nn.Linear(hidden_dim, n_outputs)
         )
 
     def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
