@@ -135,17 +135,15 @@ def cmd_lesion(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .bundle.convert import convert_fmcib, convert_mambaout, convert_moco
+    from .bundle.convert import convert_fmcib, convert_mambaout, convert_moco, convert_vmamba
 
     if args.source == "fmcib":
         path = convert_fmcib(args.checkpoint, args.out, name=args.name or "fmcib-foundation")
-    elif args.source == "mambaout":
-        path = convert_mambaout(
-            args.checkpoint, args.out, args.arch, name=args.name, windows=args.windows, input_size=args.input_size
-        )
     else:
-        path = convert_moco(
-            args.checkpoint, args.out, args.arch, name=args.name, windows=args.windows, input_size=args.input_size
+        convert = {"moco": convert_moco, "mambaout": convert_mambaout, "vmamba": convert_vmamba}[args.source]
+        architecture = args.arch or ("vmamba_v2" if args.source == "vmamba" else "mambaout_tiny")
+        path = convert(
+            args.checkpoint, args.out, architecture, name=args.name, windows=args.windows, input_size=args.input_size
         )
     print(f"wrote bundle {path}")
     return 0
@@ -205,14 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert published or pretraining weights into a bundle")
     convert.add_argument(
         "source",
-        choices=["fmcib", "moco", "mambaout"],
+        choices=["fmcib", "moco", "mambaout", "vmamba"],
         help="fmcib: model_weights.torch; moco: MoCo v3/CLEAR; mambaout: timm's mambaout_*.in1k model.safetensors "
-        "or an original MambaOut checkpoint (ImageNet baseline)",
+        "or an original MambaOut checkpoint (ImageNet baseline); vmamba: an official VMamba (VSSM) checkpoint",
     )
     convert.add_argument("checkpoint", help="the checkpoint file (read with torch.load(weights_only=True))")
     convert.add_argument("out", help="bundle to write: a folder, or a file ending in .zip")
     convert.add_argument("--name", help="bundle name")
-    convert.add_argument("--arch", default="mambaout_tiny", help="moco, mambaout: registered slice encoder")
+    convert.add_argument(
+        "--arch", help="registered slice encoder (default: mambaout_tiny for moco and mambaout, vmamba_v2 for vmamba)"
+    )
     convert.add_argument("--windows", nargs="+", default=["abdomen", "lung"], help="moco: windows of the bundle")
     convert.add_argument("--input-size", type=int, default=224, help="moco: input size")
     convert.set_defaults(func=cmd_convert)

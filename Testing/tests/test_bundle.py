@@ -361,3 +361,57 @@ def test_convert_mambaout_is_strict_beyond_the_classifier(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(CLEARInputError, match="not a valid safetensors file"):
         convert_mambaout(tmp_path / "broken.safetensors", tmp_path / "b.zip", "mambaout_femto")
+
+
+# ------------------------------------------------------------------------------- VMamba (official)
+def _official_vmamba_names(state: dict) -> dict:
+    """CLEAR's VSSM names -> the official implementation's (MzeroMiko/VMamba `VSSM`): patch_embed.0 and
+    .2 (conv, LayerNorm), layers.i.blocks.j, layers.i.downsample.1 and .3 (conv, LayerNorm), classifier.norm."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("model.")
+        k = re.sub(r"^patch_norm\.", "patch_embed.2.", k)
+        k = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"layers.\1.blocks.\2.", k)
+        k = re.sub(r"^downsamples\.(\d+)\.conv\.", r"layers.\1.downsample.1.", k)
+        k = re.sub(r"^downsamples\.(\d+)\.norm\.", r"layers.\1.downsample.3.", k)
+        k = re.sub(r"^norm\.", "classifier.norm.", k)
+        out[k] = v
+    return out
+
+
+def test_convert_official_vmamba_checkpoint(tmp_path):
+    from CLEARLib.bundle.convert import convert_vmamba
+
+    small = {"depths": (1, 2), "dims": (8, 16)}
+    torch.manual_seed(2)
+    source = create_encoder("vmamba_v2", **small).eval()
+    official = _official_vmamba_names(source.state_dict())
+    assert "layers.0.downsample.1.weight" in official and "classifier.norm.weight" in official
+    assert "layers.1.blocks.1.mlp.fc2.weight" in official and "patch_embed.0.weight" in official
+    official["classifier.head.weight"], official["classifier.head.bias"] = torch.randn(10, 16), torch.zeros(10)
+    torch.save({"model": official}, tmp_path / "vssm.pth")
+    bundle = load_bundle(convert_vmamba(tmp_path / "vssm.pth", tmp_path / "v.zip", encoder_kwargs=small))
+    assert bundle.manifest.provenance["dropped_classifier_keys"] == ["classifier.head.bias", "classifier.head.weight"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.encoder(x), source(x))
+    # Names of older checkpoints (patch_embed.proj/.norm, a top-level norm) are read too.
+    legacy = {
+        k.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm."): v
+        for k, v in official.items()
+    }
+    legacy = {
+        ("norm." + k[len("classifier.norm.") :] if k.startswith("classifier.norm.") else k): v
+        for k, v in legacy.items()
+    }
+    torch.save(legacy, tmp_path / "legacy.pth")
+    again = load_bundle(convert_vmamba(tmp_path / "legacy.pth", tmp_path / "l.zip", encoder_kwargs=small))
+    with torch.no_grad():
+        torch.testing.assert_close(again.encoder(x), source(x))
+    # Strict beyond the classifier: a v0 checkpoint does not fit the v2 model.
+    del official["layers.1.blocks.0.mlp.fc1.weight"]
+    torch.save({"model": official}, tmp_path / "bad.pth")
+    with pytest.raises(CLEARInputError, match="missing: model.stages.1.0.mlp.fc1.weight"):
+        convert_vmamba(tmp_path / "bad.pth", tmp_path / "b.zip", encoder_kwargs=small)

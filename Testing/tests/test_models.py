@@ -100,6 +100,24 @@ def test_vmamba_tiny_is_the_papers_configuration():
     assert out.shape == (2, 64) and small.num_features == 64
 
 
+def test_vmamba_v2_is_what_vssm_builds_with_its_defaults():
+    """The CLEAR authors' encoder: VSSM() of MzeroMiko/VMamba with its defaults. Checked against that
+    implementation on CPU during development (same weights through `convert_vmamba`: features equal
+    to 4.4e-7 relative, every key matched); here its structure and size, which the converter relies on."""
+    model = create_encoder("vmamba_v2")
+    vssm = model.model
+    assert [len(stage) for stage in vssm.stages] == [2, 2, 9, 2]
+    block = vssm.stages[2][0]
+    assert block.mlp.fc1.out_features == 4 * 384 and isinstance(block.mlp.act, torch.nn.GELU)
+    assert block.norm.eps == 1e-5 and block.norm2.eps == 1e-5 and vssm.norm.eps == 1e-5
+    conv = vssm.downsamples[0].conv
+    assert conv.kernel_size == (2, 2) and conv.stride == (2, 2) and conv.out_channels == 192
+    n_params = sum(p.numel() for p in model.parameters())
+    # VSSM() has 43.72 M with its 1000-class head (768 * 1000 + 1000); the encoder drops the head.
+    assert abs((n_params + 769_000) / 1e6 - 43.72) < 0.01, n_params
+    assert model.num_features == 768
+
+
 def test_mambaout_embedding_is_the_pooled_normed_feature_not_the_hidden_layer():
     encoder = create_encoder("mambaout_tiny").eval()
     assert encoder.num_features == 576

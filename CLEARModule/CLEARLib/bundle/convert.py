@@ -203,3 +203,80 @@ def convert_mambaout(
             "dropped_classifier_keys": dropped,
         },
     )
+
+
+# Official VMamba (MzeroMiko/VMamba) names -> CLEAR's VSSM names. Older checkpoints' names are first
+# brought to the current ones, as the official `VSSM._load_from_state_dict` does.
+_VMAMBA_LEGACY = (
+    (r"^patch_embed\.proj\.", "patch_embed.0."),
+    (r"^patch_embed\.norm\.", "patch_embed.2."),
+    (r"\.ln_1\.", ".norm."),
+    (r"\.self_attention\.", ".op."),
+    (r"^norm\.", "classifier.norm."),
+    (r"^head\.", "classifier.head."),
+)
+_VMAMBA_RENAMES = (
+    (r"^patch_embed\.2\.", "patch_norm."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"^layers\.(\d+)\.downsample\.1\.", r"downsamples.\1.conv."),
+    (r"^layers\.(\d+)\.downsample\.3\.", r"downsamples.\1.norm."),
+    (r"^classifier\.norm\.", "norm."),
+)
+
+
+def vmamba_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An official VMamba checkpoint (`model` or `state_dict` wrapper, or bare) in CLEAR's names, without
+    the ImageNet classifier: (state, dropped key names)."""
+    import re
+
+    path = Path(path)
+    checkpoint = _load_checkpoint(path)
+    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    if not isinstance(state, dict):
+        raise CLEARInputError("the checkpoint's state dict is not a dict", path)
+    state = _tensors_only(dict(state), path)
+    renamed, dropped = {}, []
+    for key, value in state.items():
+        for pattern, replacement in _VMAMBA_LEGACY + _VMAMBA_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        if key.startswith("classifier.head."):
+            dropped.append(key)
+            continue
+        renamed[key] = value
+    return renamed, sorted(dropped)
+
+
+def convert_vmamba(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    architecture: str = "vmamba_v2",
+    name: str | None = None,
+    windows=("abdomen", "lung"),
+    input_size: int = 224,
+    encoder_kwargs: dict | None = None,
+) -> Path:
+    """An official VMamba checkpoint (MzeroMiko/VMamba, `VSSM()` layout) into an encoder-only case bundle:
+    renamed to CLEAR's modules, the classifier dropped by name, every other key strict."""
+    if not architecture.startswith("vmamba"):
+        raise CLEARInputError(f"{architecture} is not a VMamba encoder; use vmamba_v2 or vmamba_tiny")
+    entry = encoder_entry(architecture)
+    checkpoint = Path(checkpoint)
+    state, dropped = vmamba_state(checkpoint)
+    encoder = create_encoder(architecture, **(encoder_kwargs or {}))
+    load_state_strict(encoder, {f"model.{k}": v for k, v in state.items()}, f"{architecture} encoder", checkpoint)
+    spec = entry.input_spec
+    return save_bundle(
+        out,
+        name=name or f"{architecture}-{checkpoint.stem}",
+        kind="case",
+        encoder=encoder,
+        windows=windows,
+        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
+        description=f"{architecture} slice encoder from {checkpoint.name} (pooled, normed features; no head)",
+        provenance={
+            "converted_from": checkpoint.name,
+            "source_sha256": _file_sha256(checkpoint),
+            "converter": "vmamba",
+            "dropped_classifier_keys": dropped,
+        },
+    )

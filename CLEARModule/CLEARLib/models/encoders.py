@@ -212,6 +212,18 @@ def vmamba_tiny(**kwargs):
     return VMambaEncoder(**{"depths": (2, 2, 9, 2), "dims": (96, 192, 384, 768), **kwargs})
 
 
+# The CLEAR authors pretrain `VSSM()` with its defaults (KatherLab/CLEAR main_moco.py). The paper's
+# supplement says 36 M parameters, which no VSSM configuration gives: this one has about 43 M.
+@register_encoder(
+    "vmamba_v2",
+    description="VSSM() defaults (v2): depths [2,2,9,2], dims [96..768], MLP ratio 4, conv downsampling, ~43 M",
+    onnx_unsupported=VMAMBA_ONNX,
+)
+def vmamba_v2(**kwargs):
+    defaults = {"depths": (2, 2, 9, 2), "dims": (96, 192, 384, 768), "mlp_ratio": 4.0, "downsample": "conv"}
+    return VMambaEncoder(**{**defaults, "norm_eps": 1e-5, **kwargs})
+
+
 # ------------------------------------------------------------------------- FMCIB lesion encoder
 class LesionEncoder(nn.Module):
     """MONAI's 3D ResNet as FMCIB builds it: 1 channel, first conv stride 2, no classifier, flattened pool."""

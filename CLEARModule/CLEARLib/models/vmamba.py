@@ -1,8 +1,11 @@
 """VMamba (VSSM): a visual state-space model with 2D selective scan in four directions.
 
-Written for CLEAR (VMamba is not in timm) following the paper's configuration: patch embedding of
-4x4, stages of VSS blocks with depths [2, 2, 9, 2] and widths [96, 192, 384, 768], patch merging
-between stages, SS2D with d_state 16 and ssm_ratio 2, no MLP in the blocks; the embedding is the
+Written for CLEAR (VMamba is not in timm). Two designs of the reference implementation
+(MzeroMiko/VMamba): v0, the first paper's tiny model (`vmamba_tiny`: patch merging between stages,
+no MLP in the blocks, 22 M parameters), and v2, what `VSSM()` builds with its defaults and what the
+CLEAR authors pretrain (`vmamba_v2`: an MLP of ratio 4 after each SS2D, 2x2 convolutions between
+stages, LayerNorm eps 1e-5, about 43 M parameters). Both: 4x4 patch embedding, depths [2, 2, 9, 2],
+widths [96, 192, 384, 768], SS2D with d_state 16 and ssm_ratio 2; the embedding is the
 average-pooled, layer-normed last stage (768-d). Tensors are channels-last [B, H, W, C] inside.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers import DropPath
+from timm.layers import DropPath, Mlp
 from torch import nn
 
 from .selective_scan import selective_scan
@@ -99,14 +102,36 @@ class SS2D(nn.Module):
 
 
 class VSSBlock(nn.Module):
-    def __init__(self, dim: int, drop_path: float = 0.0, **ss2d_kwargs):
+    """x + SS2D(norm(x)), then (v2, mlp_ratio > 0) x + MLP(norm2(x)) with a GELU MLP."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 0.0, norm_eps: float = 1e-6, **ss2d_kwargs):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.op = SS2D(dim, **ss2d_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        else:
+            self.norm2 = self.mlp = None
 
     def forward(self, x):
-        return x + self.drop_path(self.op(self.norm(x)))
+        x = x + self.drop_path(self.op(self.norm(x)))
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class ConvDownsample2D(nn.Module):
+    """v2 downsampling: a 2x2 convolution of stride 2 to the next width, then LayerNorm (channels-last)."""
+
+    def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size=2, stride=2)
+        self.norm = nn.LayerNorm(out_dim, eps=norm_eps)
+
+    def forward(self, x):  # [B, H, W, C]
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 class PatchMerging2D(nn.Module):
@@ -134,16 +159,24 @@ class VSSM(nn.Module):
         d_state: int = 16,
         ssm_ratio: float = 2.0,
         drop_path_rate: float = 0.1,
+        mlp_ratio: float = 0.0,
+        downsample: str = "merge",
+        norm_eps: float = 1e-6,
     ):
+        """v0 (defaults): mlp_ratio 0, downsample "merge", norm_eps 1e-6 in the blocks.
+        v2: mlp_ratio 4, downsample "conv", norm_eps 1e-5 everywhere (PyTorch's LayerNorm default)."""
         super().__init__()
         depths, dims = list(depths), list(dims)
         if len(depths) != len(dims):
             raise ValueError("depths and dims need one entry per stage")
+        if downsample not in ("merge", "conv"):
+            raise ValueError(f"downsample must be 'merge' (v0) or 'conv' (v2), got {downsample!r}")
         self.num_features = dims[-1]
         self.patch_embed = nn.Sequential(
             nn.Conv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size, bias=True),
         )
-        self.patch_norm = nn.LayerNorm(dims[0])
+        outer_eps = 1e-5  # patch, downsampling and final norms: PyTorch's default in both designs
+        self.patch_norm = nn.LayerNorm(dims[0], eps=outer_eps)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -152,13 +185,25 @@ class VSSM(nn.Module):
             self.stages.append(
                 nn.Sequential(
                     *[
-                        VSSBlock(dim, drop_path=rates[start + j], d_state=d_state, ssm_ratio=ssm_ratio)
+                        VSSBlock(
+                            dim,
+                            drop_path=rates[start + j],
+                            mlp_ratio=mlp_ratio,
+                            norm_eps=norm_eps,
+                            d_state=d_state,
+                            ssm_ratio=ssm_ratio,
+                        )
                         for j in range(depth)
                     ]
                 )
             )
-            self.downsamples.append(PatchMerging2D(dim, dims[i + 1]) if i + 1 < len(dims) else nn.Identity())
-        self.norm = nn.LayerNorm(self.num_features)
+            if i + 1 == len(dims):
+                self.downsamples.append(nn.Identity())
+            elif downsample == "conv":
+                self.downsamples.append(ConvDownsample2D(dim, dims[i + 1], outer_eps))
+            else:
+                self.downsamples.append(PatchMerging2D(dim, dims[i + 1]))
+        self.norm = nn.LayerNorm(self.num_features, eps=outer_eps)
         self.apply(self._init_weights)
 
     @staticmethod
