@@ -277,6 +277,40 @@ def test_authors_lesion_crop_side_in_pixels():
     assert (default[:, 2] * 512).max() <= 10 * 4.0 + 1e-4  # CLEAR's default: 1.5-4 x the longer side
 
 
+def test_moco_v3_colour_augmentations():
+    """The authors' views: brightness and contrast jitter as torchvision's ColorJitter, solarisation."""
+    from clear_training.augment import _color_jitter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 1, 8, 8) * 0.5 + 0.25
+    always = ViewConfig(color_jitter=(0.4, 0.4), color_jitter_p=1.0)
+    out = _color_jitter(x, always, g)
+    assert not torch.equal(out, x) and out.min() >= 0 and out.max() <= 1
+    # Contrast blends with each image's mean and brightness scales: means move by at most the brightness range.
+    ratio = out.mean(dim=(1, 2, 3)) / x.mean(dim=(1, 2, 3))
+    assert ratio.min() > 0.59 and ratio.max() < 1.41
+    never = ViewConfig(color_jitter=(0.4, 0.4), color_jitter_p=0.0)
+    assert torch.equal(_color_jitter(x, never, torch.Generator().manual_seed(0)), x)
+    # Solarisation inverts the bright half only; with p 1 every view is solarised.
+    hu = torch.linspace(-175, 275, 32 * 32).view(1, 32, 32).repeat(2, 1, 1).to(torch.int16)
+    plain = dict(
+        size=32,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        hflip=0,
+        window_jitter=0,
+        contrast=0,
+        gamma=0,
+        noise_std=0,
+        blur_p=0,
+    )
+    bounds = torch.tensor([[-175.0, 275.0]] * 2)
+    unit = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    base = make_views(hu, bounds, ViewConfig(**plain, **unit), torch.Generator().manual_seed(1))
+    solar = make_views(hu, bounds, ViewConfig(**plain, **unit, solarize_p=1.0), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(solar, torch.where(base >= 0.5, 1 - base, base))
+
+
 def test_views_are_reproducible_from_the_seed():
     hu = torch.randint(-1000, 1000, (4, 48, 48), dtype=torch.int16)
     bounds = torch.tensor([[-175.0, 275.0]] * 4)
@@ -382,6 +416,7 @@ def test_authors_preset_says_where_each_setting_comes_from():
     assert config.data.crop_scale == (0.08, 1.0) and config.data.lesion_crop_px == (145, 512)
     assert config.method.momentum_schedule == "constant" and config.method.loss_variant == "public"
     assert config.model.projector_layers == 3 and config.model.predictor_last_bn
+    assert config.data.augmentations == "moco_v3"
     settings = [line for line in path.read_text().splitlines() if ":" in line and not line.startswith("#")]
     sections = {"run:", "data:", "model:", "method:", "optim:"}
     for line in settings:
@@ -394,10 +429,14 @@ def test_authors_preset_says_where_each_setting_comes_from():
 def test_constant_momentum_and_adam_betas_reach_the_trainer(tmp_path, deeplesion_store):
     root, _, _ = deeplesion_store
     overrides = {"run__max_steps": 3, "method__momentum_schedule": "constant", "optim__betas": [0.9, 0.999]}
+    overrides["data__augmentations"] = "moco_v3"  # the asymmetric views run through the same batcher
     trainer = Trainer(load_config(_config(tmp_path, root / "store", "authors", optim__name="adamw", **overrides)))
     history = trainer.fit()
     assert [r["momentum"] for r in history] == [0.99] * 3
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    first, second = trainer.batcher.views
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert all(np.isfinite(r["loss"]) for r in history)
     cosine = Trainer(load_config(_config(tmp_path, root / "store", "cosine", run__max_steps=3))).fit()
     assert cosine[-1]["momentum"] > 0.99  # MoCo v3's schedule rises from 0.99 towards 1
 

@@ -31,6 +31,12 @@ class ViewConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     lesion_context: tuple[float, float] = (1.5, 4.0)  # LeCL crop side = this x the lesion box's longer side
     lesion_crop_px: tuple[float, float] | None = None  # the authors' LeCL crop: side uniform in [low, high) px
+    # MoCo v3's colour augmentations, as the authors' code applies them to windowed slices: with
+    # probability color_jitter_p, brightness and contrast factors from U(1 - b, 1 + b), in random order
+    # (saturation, hue and grayscale do nothing to a grey image); solarisation with solarize_p.
+    color_jitter: tuple[float, float] | None = None
+    color_jitter_p: float = 0.8
+    solarize_p: float = 0.0
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
@@ -125,6 +131,24 @@ class SlicePyramid:
         return out
 
 
+def _color_jitter(x: torch.Tensor, cfg: ViewConfig, generator) -> torch.Tensor:
+    """torchvision's ColorJitter(brightness, contrast) on [n, 1, h, w] images in [0, 1], applied with
+    probability cfg.color_jitter_p, the two adjustments in a random order per image."""
+    n, device = x.shape[0], x.device
+    brightness, contrast = cfg.color_jitter
+    apply = (torch.rand(n, generator=generator, device=device) < cfg.color_jitter_p).view(-1, 1, 1, 1)
+    b = _uniform(n, 1 - brightness, 1 + brightness, generator, device).view(-1, 1, 1, 1)
+    c = _uniform(n, 1 - contrast, 1 + contrast, generator, device).view(-1, 1, 1, 1)
+    brightness_first = (torch.rand(n, generator=generator, device=device) < 0.5).view(-1, 1, 1, 1)
+
+    def adjust_contrast(image):  # blend with the image's mean grey level, as torchvision does
+        return (c * image + (1 - c) * image.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+
+    one = adjust_contrast((x * b).clamp(0, 1))
+    other = (adjust_contrast(x) * b).clamp(0, 1)
+    return torch.where(apply, torch.where(brightness_first, one, other), x)
+
+
 def make_views(
     slices: torch.Tensor | SlicePyramid,
     window_bounds: torch.Tensor,
@@ -175,6 +199,11 @@ def make_views(
     if cfg.noise_std:
         noise = torch.randn(x.shape, generator=generator, device=device) * cfg.noise_std
         x = (x + noise).clamp(0, 1)
+    if cfg.color_jitter is not None:
+        x = _color_jitter(x, cfg, generator)
+    if cfg.solarize_p:
+        solarize = (torch.rand(n, generator=generator, device=device) < cfg.solarize_p).view(-1, 1, 1, 1)
+        x = torch.where(solarize & (x >= 0.5), 1 - x, x)
     mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
     return (x.expand(-1, len(cfg.mean), -1, -1) - mean) / std

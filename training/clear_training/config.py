@@ -39,6 +39,12 @@ class DataConfig(_Strict):
     image_size: int = Field(224, ge=16)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     lesion_context: tuple[float, float] = (1.5, 4.0)
+    augmentations: Literal["clear", "moco_v3"] = Field(
+        "clear",
+        description="clear: CT window jitter, contrast, gamma, blur (p 0.5), noise, the same for both views; moco_v3: "
+        "the authors' (MoCo v3's) asymmetric colour augmentations: brightness/contrast jitter (p 0.8), blur p 1.0 "
+        "and 0.1, solarisation p 0 and 0.2, horizontal flips",
+    )
     lesion_crop_px: tuple[float, float] | None = Field(
         None,
         description="the authors' LeCL crop: side uniform in [low, high) pixels of the stored slice, centred on the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -31,12 +32,22 @@ class Batcher:
         self.lecl = config.method.name == "lecl"
         self.windows = resolve_windows(config.data.windows)
         self.bounds = torch.tensor([[w.low, w.high] for w in self.windows], device=device)
-        self.view = ViewConfig(
+        view = ViewConfig(
             size=config.data.image_size,
             scale=tuple(config.data.crop_scale),
             lesion_context=config.data.lesion_context,
             lesion_crop_px=config.data.lesion_crop_px,
         )
+        if config.data.augmentations == "moco_v3":
+            # MoCo v3's two asymmetric views (the authors' code): no CT-specific jitter.
+            plain = dict(window_jitter=0.0, contrast=0.0, gamma=0.0, noise_std=0.0, hflip=0.5, color_jitter=(0.4, 0.4))
+            self.views = (
+                dataclasses.replace(view, **plain, blur_p=1.0, solarize_p=0.0),
+                dataclasses.replace(view, **plain, blur_p=0.1, solarize_p=0.2),
+            )
+        else:
+            self.views = (view, view)
+        self.view = view
 
     def __call__(self, rows: np.ndarray, seed: int):
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -51,20 +62,20 @@ class Batcher:
             else torch.zeros(n, dtype=torch.bool, device=self.device)
         )
         views = []
-        for _ in range(2):
-            boxes = random_resized_boxes(n, self.view, generator, self.device)
+        for view in self.views:
+            boxes = random_resized_boxes(n, view, generator, self.device)
             if self.lecl:  # the base encoder sees key slices whole
                 boxes[is_key] = torch.tensor([0.0, 0.0, 1.0, 1.0], device=self.device)
-            views.append(make_views(hu, bounds, self.view, generator, boxes))
+            views.append(make_views(hu, bounds, view, generator, boxes))
         x1, x2 = views
         y1, y2 = x1, x2
         if bool(is_key.any()):
             key_rows = np.asarray(rows)[is_key.cpu().numpy()]
             crops = []
-            for _ in range(2):  # the momentum encoder sees lesion-centred crops of key slices
+            for view in self.views:  # the momentum encoder sees lesion-centred crops of key slices
                 lesion = self.store.lesion_box(key_rows, cpu_generator)
-                boxes = lesion_boxes(lesion, (self.store.size, self.store.size), self.view, generator, self.device)
-                crops.append(make_views(hu, bounds[is_key], self.view, generator, boxes, index=is_key))
+                boxes = lesion_boxes(lesion, (self.store.size, self.store.size), view, generator, self.device)
+                crops.append(make_views(hu, bounds[is_key], view, generator, boxes, index=is_key))
             y1, y2 = x1.clone(), x2.clone()
             y1[is_key], y2[is_key] = crops
         return x1, x2, y1, y2, is_key
