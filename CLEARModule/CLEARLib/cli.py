@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import __version__
@@ -121,16 +123,81 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _feature_rows(predictor, seeds: pd.DataFrame, features: np.ndarray) -> pd.DataFrame:
+    """One row per seed: the seed's columns, the bundle and its weights' sha256, then f0 ... f{D-1}."""
+    manifest = predictor.bundle.manifest
+    values = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])], index=seeds.index)
+    info = seeds.assign(bundle=manifest.name, bundle_sha256=manifest.weights.sha256)
+    return pd.concat([info, values], axis=1)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def cmd_lesion(args) -> int:
     from .inference import LesionPredictor
-    from .outputs import write_json
+    from .outputs import write_atomic, write_csv, write_json
 
+    if (args.seed is None) == (args.seeds is None):
+        raise CLEARInputError("give one seed (--seed x,y,z with the CT) or a seed table (--seeds table.csv)")
+    if args.seeds is None and args.path is None:
+        raise CLEARInputError("--seed needs the CT it lies in")
+    if args.stability < 0:
+        raise CLEARInputError(f"--stability must be 0 or more, got {args.stability}")
+    if args.stability and args.seeds is not None:
+        raise CLEARInputError("--stability applies to one seed (--seed), not to a seed table")
     predictor = LesionPredictor(args.model, device=args.device, border=args.border)
+    out = Path(args.out) if args.out else None
+    if args.seeds is not None:
+        return _lesion_table(args, predictor, out)
     result = predictor.predict(_read(args), args.seed, coord=args.coord, stability=args.stability)
     summary = {"ct": str(args.path), "seed": args.seed, "coord": args.coord, "border": args.border, **result.to_dict()}
+    summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
-    if args.out:
-        write_json(Path(args.out) / "lesion.json", summary)
+    if out:
+        seed = pd.DataFrame([{"image_path": str(args.path), "coordX": result.seed_lps[0], "coordY": result.seed_lps[1],
+                              "coordZ": result.seed_lps[2]}])  # fmt: skip
+        write_csv(out / "features.csv", _feature_rows(predictor, seed, result.features[None]))
+        write_atomic(out / "features.npy", _npy_bytes(result.features[None]))
+        written = ["lesion.json", "features.csv", "features.npy"]
+        if result.stability is not None:
+            write_atomic(out / "feature_cv.npy", _npy_bytes(result.stability["feature_cv"]))
+            written.append("feature_cv.npy")
+        write_json(out / "lesion.json", summary)
+        print(f"wrote {', '.join(written)} to {out}", file=sys.stderr)
+    return 0
+
+
+def _lesion_table(args, predictor, out: Path | None) -> int:
+    """FMCIB's get_features for a seed table: every image read once, one features table for all seeds."""
+    from .io import read_seed_table
+    from .outputs import write_atomic, write_csv, write_json
+
+    seeds = read_seed_table(args.seeds)
+    blocks, failed = [], []
+    for image, rows in seeds.groupby("image_path", sort=False):
+        try:
+            volume = read_ct(image, series_uid=args.series_uid, allow_non_ct=args.allow_non_ct,
+                             resample_oblique=args.resample_oblique)  # fmt: skip
+            points = rows[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
+            blocks.append((rows, predictor.features(volume, points, coord="LPS")))
+        except CLEARInputError as exc:  # report the rows and carry on with the other images
+            failed += [{"row": int(i) + 1, "image_path": image, "error": str(exc)} for i in rows.index]
+    summary = {"seeds": str(args.seeds), "bundle": predictor.bundle.manifest.name, "scored": 0, "failed": failed}
+    if blocks:
+        table = pd.concat([_feature_rows(predictor, rows, feats) for rows, feats in blocks]).sort_index()
+        summary["scored"] = len(table)
+        if out:
+            write_csv(out / "features.csv", table)
+            write_atomic(out / "features.npy", _npy_bytes(table.filter(regex=r"^f\d+$").to_numpy(np.float32)))
+    print(json.dumps(summary, indent=2))
+    if out:
+        write_json(out / "lesion.json", summary)
+    if not blocks:
+        raise CLEARInputError(f"no seed could be scored ({failed[0]['error']})", args.seeds)
     return 0
 
 
@@ -184,9 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     lesion = sub.add_parser("lesion", help="lesion features and prediction at a seed point from a lesion bundle")
-    lesion.add_argument("path", help="CT: DICOM folder, multi-frame DICOM, NIfTI/NRRD/MHA")
+    lesion.add_argument("path", nargs="?", help="CT: DICOM folder, multi-frame DICOM, NIfTI/NRRD/MHA (with --seed)")
     lesion.add_argument("--model", required=True, help="lesion bundle (folder or .zip)")
-    lesion.add_argument("--seed", required=True, type=_seed, help="x,y,z in mm, e.g. --seed -81.5,201.7,-456.5")
+    lesion.add_argument("--seed", type=_seed, help="x,y,z in mm, e.g. --seed -81.5,201.7,-456.5")
+    lesion.add_argument(
+        "--seeds", help="seed table instead of one seed: CSV of image_path, coordX, coordY, coordZ (LPS mm), as FMCIB's"
+    )
     lesion.add_argument("--coord", default="LPS", choices=["LPS", "RAS"], type=str.upper)
     lesion.add_argument("--stability", type=int, default=0, help="also score N perturbed seeds (paper: 50)")
     lesion.add_argument(
@@ -195,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["centred", "fmcib"],
         help="near the image border: keep the patch centred on the seed (default) or crop and pad as FMCIB's code",
     )
-    lesion.add_argument("--out", help="folder for lesion.json")
+    lesion.add_argument("--out", help="folder for lesion.json, features.csv and features.npy (and feature_cv.npy)")
     lesion.add_argument("--device", default="auto", help="auto, cpu or gpu")
     _add_read_options(lesion)
     lesion.set_defaults(func=cmd_lesion)

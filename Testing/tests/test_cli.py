@@ -46,3 +46,55 @@ def test_console_scripts_are_installed():
     assert result.stdout.startswith("clear-ct ")
     result = subprocess.run([str(bin_dir / "clear-train"), "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("clear-train ")
+
+
+def test_lesion_writes_features_takes_negative_seeds_and_seed_tables(tmp_path, tiny_lesion_bundle, capsys):
+    import numpy as np
+    import pandas as pd
+
+    from CLEARLib.bundle import read_manifest
+    from CLEARLib.io import read_ct, write_volume
+    from CLEARLib.phantom import Lesion, make_phantom
+
+    volume, lesions = make_phantom(
+        shape_zyx=(40, 64, 64), spacing_xyz=(1.5, 1.5, 2.5), lesions=[Lesion("liver", (-20.0, 10.0, -15.0), 8.0, 120)]
+    )
+    ct = write_volume(volume, tmp_path / "ct.nrrd")
+    out = tmp_path / "one"
+    # A seed whose first value is negative, in the form the README shows.
+    assert main(["lesion", str(ct), "--model", str(tiny_lesion_bundle), "--seed", "-20,10,-15", "--stability", "4",
+                 "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["seed_lps"] == [-20.0, 10.0, -15.0] and "feature_cosine_mean" in summary["stability"]
+    sha = read_manifest(tiny_lesion_bundle).weights.sha256
+    assert summary["bundle_sha256"] == sha
+    assert sorted(p.name for p in out.iterdir()) == ["feature_cv.npy", "features.csv", "features.npy", "lesion.json"]
+    table = pd.read_csv(out / "features.csv")
+    features = np.load(out / "features.npy")
+    assert features.shape == (1, 64) and list(table.columns[:6]) == ["image_path", "coordX", "coordY", "coordZ",
+                                                                     "bundle", "bundle_sha256"]  # fmt: skip
+    assert table.bundle_sha256[0] == sha
+    np.testing.assert_allclose(table.filter(regex=r"^f\d+$").to_numpy(), features, rtol=1e-6)
+    # A seed table, as FMCIB's users have: every image read once, one row per seed, bad rows reported.
+    seeds = pd.DataFrame({"image_path": ["ct.nrrd", "ct.nrrd", "missing.nrrd"], "coordX": [-20.0, 0.0, 1.0],
+                          "coordY": [10.0, 0.0, 1.0], "coordZ": [-15.0, -10.0, 1.0], "label": [1, 0, 1]})  # fmt: skip
+    seeds.to_csv(tmp_path / "seeds.csv", index=False)
+    assert main(["lesion", "--seeds", str(tmp_path / "seeds.csv"), "--model", str(tiny_lesion_bundle),
+                 "--out", str(tmp_path / "table"), "--device", "cpu"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert (
+        summary["scored"] == 2
+        and summary["failed"][0]["row"] == 3
+        and "missing.nrrd" in summary["failed"][0]["image_path"]
+    )
+    table = pd.read_csv(tmp_path / "table" / "features.csv")
+    assert list(table.label) == [1, 0] and np.load(tmp_path / "table" / "features.npy").shape == (2, 64)
+    np.testing.assert_allclose(np.load(tmp_path / "table" / "features.npy")[0], features[0], rtol=1e-5)
+    # Bad tables name the file, row and column.
+    seeds.loc[1, "coordY"] = "abc"
+    seeds.to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["lesion", "--seeds", str(tmp_path / "bad.csv"), "--model", str(tiny_lesion_bundle)]) == 2
+    assert "row 2, column coordY" in capsys.readouterr().err
+    assert main(["lesion", str(ct), "--model", str(tiny_lesion_bundle)]) == 2
+    assert "give one seed" in capsys.readouterr().err
+    assert read_ct(ct).shape == volume.shape

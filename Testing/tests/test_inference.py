@@ -186,7 +186,8 @@ def test_seed_stability(big_lesion_phantom, tiny_lesion_bundle):
     assert again.stability["mean"] == stability["mean"]
 
 
-def test_stability_needs_a_head(big_lesion_phantom, tmp_path):
+def test_stability_without_a_head_reports_feature_stability(big_lesion_phantom, tmp_path):
+    """FMCIB's published model has no head: stability is then about its features."""
     volume, lesion = big_lesion_phantom
     from conftest import TINY_LESION
 
@@ -195,8 +196,20 @@ def test_stability_needs_a_head(big_lesion_phantom, tmp_path):
     )
     predictor = LesionPredictor(headless, device="cpu")
     assert predictor.predict(volume, lesion.center_lps).probabilities == {}
-    with pytest.raises(CLEARInputError, match="stability needs a bundle with a head"):
-        predictor.predict(volume, lesion.center_lps, stability=5)
+    result = predictor.predict(volume, lesion.center_lps, stability=8, random_state=3)
+    stability = result.stability
+    assert "mean" not in stability and stability["n"] == 8
+    # By hand from the features of the same seeds.
+    drawn = predictor.features(volume, stability["seeds_lps"])
+    reference = result.features
+    cosine = drawn @ reference / (np.linalg.norm(drawn, axis=1) * np.linalg.norm(reference))
+    assert stability["feature_cosine_mean"] == pytest.approx(cosine.mean(), rel=1e-5)
+    assert stability["feature_cosine_min"] == pytest.approx(cosine.min(), rel=1e-5)
+    mean = drawn.mean(0)
+    kept = np.abs(mean) > 0
+    np.testing.assert_allclose(stability["feature_cv"][kept], (drawn.std(0) / np.abs(mean))[kept], rtol=1e-4)
+    assert 0 < stability["feature_cosine_min"] <= stability["feature_cosine_mean"] <= 1
+    assert "feature_cv" not in result.to_dict()["stability"]  # the array goes to feature_cv.npy, not JSON
 
 
 # -------------------------------------------------------------------------------------------- CLI

@@ -65,13 +65,9 @@ class LesionPretrainConfig(_Strict):
 
 # ------------------------------------------------------------------------------------ region cache
 def read_seeds(path: Path) -> pd.DataFrame:
-    seeds = pd.read_csv(path)
-    missing = {"image_path", "coordX", "coordY", "coordZ"} - set(seeds.columns)
-    if missing:
-        raise ValueError(f"{path}: seed table needs columns {sorted(missing)}")
-    base = Path(path).parent
-    seeds["image_path"] = [str(p if Path(p).is_absolute() else base / p) for p in seeds.image_path]
-    return seeds.reset_index(drop=True)
+    from CLEARLib.io import read_seed_table
+
+    return read_seed_table(path)
 
 
 def _background_centres(volume, seed_lps, n: int, rng) -> list[np.ndarray]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -25,19 +24,14 @@ from .metrics import bootstrap_probe, paired_permutation_test, probe_metrics
 def extract_lesion_features(bundle, seeds_csv: str | os.PathLike, out: str | os.PathLike, device="auto") -> dict:
     """4096-d features of every seed (one HDF5: feats, case_id, label), volumes read once each."""
     from CLEARLib.inference import LesionPredictor
-    from CLEARLib.io import read_ct
+    from CLEARLib.io import read_ct, read_seed_table
 
-    seeds = pd.read_csv(seeds_csv)
-    missing = {"image_path", "coordX", "coordY", "coordZ"} - set(seeds.columns)
-    if missing:
-        raise ValueError(f"{seeds_csv}: seed table needs columns {sorted(missing)}")
-    base = Path(seeds_csv).parent
+    seeds = read_seed_table(seeds_csv)
     predictor = LesionPredictor(bundle, device=device)
     feats, kept, failed = [], [], []
     for path, rows in seeds.groupby("image_path", sort=False):
-        full = Path(path) if Path(path).is_absolute() else base / path
         try:
-            volume = read_ct(full)
+            volume = read_ct(path)
         except Exception as exc:  # report and carry on
             failed += [{"row": int(i), "error": str(exc)} for i in rows.index]
             continue

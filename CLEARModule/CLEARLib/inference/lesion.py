@@ -19,6 +19,24 @@ from .runtime import ProgressCallback, StageTimer, autocast, default_batch_size,
 STABILITY_VARIANCE_VOXELS = 16.0
 
 
+def feature_stability(reference: np.ndarray, drawn: np.ndarray) -> dict:
+    """How much the features move when the seed does: cosine similarity of each perturbed seed's features
+    to the clicked seed's (mean and minimum), and the coefficient of variation (sd / mean) of every
+    feature over the perturbed seeds (`feature_cv`, NaN where a feature's mean is 0) with its median."""
+    norms = np.linalg.norm(drawn, axis=1) * np.linalg.norm(reference)
+    cosine = (drawn @ reference) / np.where(norms > 0, norms, 1.0)
+    mean = drawn.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cv = np.where(np.abs(mean) > 0, drawn.std(0) / np.abs(mean), np.nan)
+    finite = np.isfinite(cv)
+    return {
+        "feature_cosine_mean": float(cosine.mean()),
+        "feature_cosine_min": float(cosine.min()),
+        "feature_cv_median": float(np.median(cv[finite])) if finite.any() else None,
+        "feature_cv": cv.astype(np.float32),
+    }
+
+
 @dataclass
 class LesionResult:
     seed_lps: np.ndarray
@@ -35,7 +53,7 @@ class LesionResult:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
         if self.stability is not None:
-            out["stability"] = {k: v for k, v in self.stability.items() if k != "seeds_lps"}
+            out["stability"] = {k: v for k, v in self.stability.items() if k not in ("seeds_lps", "feature_cv")}
         return out
 
 
@@ -106,8 +124,6 @@ class LesionPredictor:
             with timer("read"):
                 volume = read_ct(volume)
         seed_lps = seed_to_lps(seed, coord)
-        if stability and self.bundle.head is None:
-            raise CLEARInputError("seed stability needs a bundle with a head (probabilities)", self.bundle.path)
         seeds = [seed_lps]
         if stability:
             seeds += list(self._perturbed_seeds(volume, seed_lps, int(stability), random_state))
@@ -121,16 +137,23 @@ class LesionPredictor:
             probabilities={} if probs is None else {lab: float(p) for lab, p in zip(labels, probs[0], strict=True)},
         )
         if stability:
-            drawn = probs[1:]
             result.stability = {
                 "n": int(stability),
                 "sd_mm": float(np.sqrt(STABILITY_VARIANCE_VOXELS) * self.spacing_mm),
-                "mean": {lab: float(v) for lab, v in zip(labels, drawn.mean(0), strict=True)},
-                "std": {lab: float(v) for lab, v in zip(labels, drawn.std(0), strict=True)},
+                **feature_stability(features[0], features[1:]),
                 "seeds_lps": np.asarray(seeds[1:]),
             }
+            if probs is not None:
+                drawn = probs[1:]
+                result.stability["mean"] = {lab: float(v) for lab, v in zip(labels, drawn.mean(0), strict=True)}
+                result.stability["std"] = {lab: float(v) for lab, v in zip(labels, drawn.std(0), strict=True)}
         result.timings = timer.seconds
         return result
+
+    def features(self, volume: CTVolume, seeds, coord: str = "LPS", progress=None, cancel=None) -> np.ndarray:
+        """Features [n_seeds, feature_dim] at several seeds of one volume, in one batched pass."""
+        seeds_lps = [seed_to_lps(s, coord) for s in seeds]
+        return self._features(volume, seeds_lps, StageTimer(self.device), progress, cancel)
 
     def _perturbed_seeds(self, volume: CTVolume, seed_lps, n: int, random_state: int) -> np.ndarray:
         rng = np.random.default_rng(random_state)

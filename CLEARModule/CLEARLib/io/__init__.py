@@ -10,9 +10,18 @@ import SimpleITK as sitk
 
 from ..errors import CLEARInputError
 from .dicom import read_dicom
+from .seeds import SEED_COLUMNS, read_seed_table
 from .volume import AXIAL_TOLERANCE_DEG, CTVolume
 
-__all__ = ["AXIAL_TOLERANCE_DEG", "CTVolume", "read_ct", "write_volume", "IMAGE_SUFFIXES"]
+__all__ = [
+    "AXIAL_TOLERANCE_DEG",
+    "CTVolume",
+    "read_ct",
+    "write_volume",
+    "IMAGE_SUFFIXES",
+    "SEED_COLUMNS",
+    "read_seed_table",
+]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Formats written as one file, so that one rename publishes the whole volume.
