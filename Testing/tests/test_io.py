@@ -71,6 +71,37 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path, phantom):
     np.testing.assert_array_equal(read.hu, volume.hu.astype(np.float32))
 
 
+@pytest.mark.parametrize(("value", "message"), [("0", "RescaleSlope is 0"), ("NaN", "not finite")])
+def test_a_zero_or_non_finite_rescale_slope_is_refused(tmp_path, phantom, value, message):
+    """A slope of 0 used to be read as 1; now the file is named instead of guessing."""
+    volume, _ = phantom
+    paths = write_dicom_series(layout_of(volume), tmp_path / "s")
+    ds = pydicom.dcmread(paths[3])
+    ds.RescaleSlope = value
+    ds.save_as(paths[3])
+    with pytest.raises(CLEARInputError, match=message) as error:
+        read_ct(tmp_path / "s")
+    assert paths[3].name in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["nan.nii.gz", "nan.nrrd", "nan.mha"])
+def test_non_finite_voxels_are_refused_with_their_count(tmp_path, name):
+    """ITK reads NaN in NIfTI as 0 without a word; every format must refuse them instead."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    hu = np.zeros((4, 6, 5), np.float32)
+    hu[1, 2, 3] = np.nan
+    hu[2, 0, 0] = np.inf
+    if name.endswith(".nii.gz"):  # written by nibabel, so the stored values really are NaN and inf
+        nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([-1.0, -1.0, 1.0, 1.0])), str(tmp_path / name))
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(hu), str(tmp_path / name))
+    with pytest.raises(CLEARInputError, match="2 of 120 voxels are NaN or infinite") as error:
+        read_ct(tmp_path / name)
+    assert name in str(error.value)
+
+
 def test_integer_rescale_keeps_int16(tmp_path, phantom):
     volume, _ = phantom
     write_dicom_series(layout_of(volume), tmp_path / "s", slope=2.0, intercept=-1024.0)

@@ -55,7 +55,29 @@ def read_ct(
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise CLEARInputError(f"cannot read image file: {first_line}", path) from exc
     meta = {"format": next(suffix for suffix in IMAGE_SUFFIXES if path.name.lower().endswith(suffix)).lstrip(".")}
+    if meta["format"] in ("nii", "nii.gz"):
+        _refuse_non_finite_nifti(path)
     return CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
+
+
+def _refuse_non_finite_nifti(path: Path) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0 without a word, so a broken float NIfTI would
+    read as water. nibabel reads the stored values; only float-typed files are checked (CT is mostly int16)."""
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # nibabel's own header errors: let ITK's reading report the file
+        raise CLEARInputError(f"cannot read the NIfTI header: {exc}", path) from exc
+    stored = np.dtype(image.header.get_data_dtype())
+    scaled = any(v is not None and not np.isfinite(v) for v in image.header.get_slope_inter())
+    if not (np.issubdtype(stored, np.floating) or scaled):
+        return
+    values = np.asanyarray(image.dataobj)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise CLEARInputError(f"{bad} of {values.size} voxels are NaN or infinite; CLEAR does not guess their HU", path)
 
 
 def write_volume(volume: CTVolume, path: str | PathLike) -> Path:

@@ -71,17 +71,30 @@ def _floats(value, n: int, what: str, path: Path) -> np.ndarray:
     return arr
 
 
-def _rescale(ds) -> tuple[float, float]:
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+def _rescale_values(slope, intercept, where: str, path: Path) -> tuple[float, float]:
+    """Checked (slope, intercept): absent means 1 and 0; a slope of 0 (every voxel would be the intercept)
+    and non-finite values are refused rather than guessed."""
+    try:
+        slope = 1.0 if slope is None or str(slope).strip() == "" else float(slope)
+        intercept = 0.0 if intercept is None or str(intercept).strip() == "" else float(intercept)
+    except (TypeError, ValueError) as exc:
+        raise CLEARInputError(f"malformed RescaleSlope/RescaleIntercept in {where}: {exc}", path) from exc
+    if not (np.isfinite(slope) and np.isfinite(intercept)):
+        raise CLEARInputError(f"RescaleSlope {slope} / RescaleIntercept {intercept} in {where} are not finite", path)
+    if slope == 0:
+        raise CLEARInputError(f"RescaleSlope is 0 in {where}: every voxel would read as the intercept", path)
     return slope, intercept
+
+
+def _rescale(ds, path: Path) -> tuple[float, float]:
+    return _rescale_values(getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None), path.name, path)
 
 
 def _single_frame(ds, path: Path) -> _Frame:
     if "PixelSpacing" not in ds:
         raise CLEARInputError("no PixelSpacing: the slice has no physical size", path)
     spacing = _floats(ds.PixelSpacing, 2, "PixelSpacing", path)
-    slope, intercept = _rescale(ds)
+    slope, intercept = _rescale(ds, path)
     return _Frame(
         path=path,
         frame=None,
@@ -123,6 +136,7 @@ def _multi_frame(ds, path: Path) -> list[_Frame]:
         slope = _functional(ds, group, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _functional(ds, group, "PixelValueTransformationSequence", "RescaleIntercept")
         spacing = _floats(spacing, 2, f"PixelSpacing of {where}", path)
+        slope, intercept = _rescale_values(slope, intercept, where, path)
         frames.append(
             _Frame(
                 path=path,
@@ -132,8 +146,8 @@ def _multi_frame(ds, path: Path) -> list[_Frame]:
                 pixel_spacing=(float(spacing[0]), float(spacing[1])),
                 rows=int(ds.Rows),
                 columns=int(ds.Columns),
-                slope=float(slope) if slope is not None else 1.0,
-                intercept=float(intercept) if intercept is not None else 0.0,
+                slope=slope,
+                intercept=intercept,
             )
         )
     return frames

@@ -80,6 +80,12 @@ class CTVolume:
             raise CLEARInputError(f"expected a 3D volume, got an array of shape {hu.shape}", source)
         if min(hu.shape) < 1:
             raise CLEARInputError(f"empty volume of shape {hu.shape}", source)
+        if np.issubdtype(hu.dtype, np.floating):
+            bad = int(hu.size - np.count_nonzero(np.isfinite(hu)))
+            if bad:
+                raise CLEARInputError(
+                    f"{bad} of {hu.size} voxels are NaN or infinite; CLEAR does not guess their HU", source
+                )
         spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise CLEARInputError(f"voxel spacing must be positive, got {tuple(spacing)}", source)
