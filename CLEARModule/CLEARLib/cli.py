@@ -98,6 +98,14 @@ def _seed(text: str):
     return values
 
 
+_INPUT_KEYS = ("patient_id", "study_instance_uid", "series_instance_uid", "series_description", "series_choice")
+
+
+def _input_record(volume) -> dict:
+    """What was read, for result files: the source and, for DICOM, patient, study, series and why it was chosen."""
+    return {"source": volume.meta.get("source"), **{k: volume.meta[k] for k in _INPUT_KEYS if k in volume.meta}}
+
+
 def cmd_predict(args) -> int:
     from .inference import CasePredictor
     from .outputs import attention_plot_png, write_atomic, write_csv, write_json
@@ -105,8 +113,10 @@ def cmd_predict(args) -> int:
     predictor = CasePredictor(
         args.model, device=args.device, batch_size=args.batch_size, backend=args.backend, precision=args.precision
     )
-    result = predictor.predict(_read(args), progress=_progress if args.verbose else None)
-    summary = {"ct": str(args.path), **result.to_dict()}
+    volume = _read(args)
+    result = predictor.predict(volume, progress=_progress if args.verbose else None)
+    summary = {"ct": str(args.path), "input": _input_record(volume), **result.to_dict()}
+    summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
     if args.out:
         out = Path(args.out)
@@ -153,8 +163,10 @@ def cmd_lesion(args) -> int:
     out = Path(args.out) if args.out else None
     if args.seeds is not None:
         return _lesion_table(args, predictor, out)
-    result = predictor.predict(_read(args), args.seed, coord=args.coord, stability=args.stability)
-    summary = {"ct": str(args.path), "seed": args.seed, "coord": args.coord, "border": args.border, **result.to_dict()}
+    volume = _read(args)
+    result = predictor.predict(volume, args.seed, coord=args.coord, stability=args.stability)
+    summary = {"ct": str(args.path), "input": _input_record(volume), "seed": args.seed, "coord": args.coord}
+    summary.update(border=args.border, **result.to_dict())
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
     if out:

@@ -128,6 +128,37 @@ def test_enhanced_multiframe_file(tmp_path, phantom):
     assert read.meta["n_files"] == 1
 
 
+def test_a_folder_with_several_patients_is_refused_unless_a_series_is_named(
+    tmp_path, phantom, tiny_case_bundle, capsys
+):
+    import json
+
+    from CLEARLib.bundle import read_manifest
+    from CLEARLib.cli import main
+
+    volume, _ = phantom
+    folder = tmp_path / "two"
+    write_dicom_series(layout_of(volume), folder / "a", series_uid="1.2.3.1", description="first")
+    paths = write_dicom_series(layout_of(volume), folder / "b", series_uid="1.2.3.2", description="second")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PatientID = "LUNG1-002"
+        ds.save_as(path)
+    with pytest.raises(
+        CLEARInputError, match=r"2 patients .*LUNG1-002: 1\.2\.3\.2.*PHANTOM-001: 1\.2\.3\.1.*--series-uid"
+    ):
+        read_ct(folder)
+    chosen = read_ct(folder, series_uid="1.2.3.2")
+    assert chosen.meta["patient_id"] == "LUNG1-002" and chosen.meta["study_instance_uid"]
+    # The outputs say what was read and with which model.
+    argv = ["predict", str(folder), "--series-uid", "1.2.3.2", "--model", str(tiny_case_bundle), "--device", "cpu"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["input"]["patient_id"] == "LUNG1-002" and summary["input"]["series_instance_uid"] == "1.2.3.2"
+    assert summary["input"]["series_choice"] == "series 1.2.3.2 as requested"
+    assert summary["bundle_sha256"] == read_manifest(tiny_case_bundle).weights.sha256
+
+
 def test_several_series_default_is_largest_ct_and_choice_is_reported(tmp_path, phantom, caplog):
     volume, _ = phantom
     small = CTVolume(volume.hu[:10].copy(), volume.spacing, volume.origin, volume.direction)

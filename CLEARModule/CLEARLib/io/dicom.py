@@ -169,6 +169,14 @@ class _Series:
     def n_images(self) -> int:
         return sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for _, ds in self.headers)
 
+    @property
+    def patient_id(self) -> str:
+        return str(getattr(self.headers[0][1], "PatientID", "") or "") if self.headers else ""
+
+    @property
+    def study_uid(self) -> str:
+        return str(getattr(self.headers[0][1], "StudyInstanceUID", "") or "") if self.headers else ""
+
 
 def _scan_folder(folder: Path) -> dict[str, _Series]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -212,6 +220,20 @@ def _choose_series(series: dict[str, _Series], series_uid, allow_non_ct, folder:
             raise CLEARInputError(
                 f"no CT series here (found: {listing}); pass allow_non_ct=True (CLI: --allow-non-ct) "
                 "to read another modality anyway",
+                folder,
+            )
+        patients = sorted({s.patient_id for s in candidates})
+        if len(patients) > 1:
+
+            def series_of(patient):
+                return ", ".join(
+                    f"{s.uid} ({s.n_images} images, {s.description!r})" for s in candidates if s.patient_id == patient
+                )
+
+            by_patient = "; ".join(f"patient {p or '(no PatientID)'}: {series_of(p)}" for p in patients)
+            raise CLEARInputError(
+                f"this folder holds {len(patients)} patients ({by_patient}); pass the series to read with "
+                "series_uid (CLI: --series-uid UID), or give the folder of one patient",
                 folder,
             )
         chosen = max(candidates, key=lambda s: (s.n_images, s.uid))
@@ -371,6 +393,8 @@ def read_dicom(path: Path, series_uid: str | None = None, allow_non_ct: bool = F
     spacing = (first.pixel_spacing[1], first.pixel_spacing[0], slice_spacing)
     meta = {
         "format": "DICOM",
+        "patient_id": series.patient_id,
+        "study_instance_uid": series.study_uid,
         "series_instance_uid": series.uid,
         "series_description": series.description,
         "modality": series.modality,
