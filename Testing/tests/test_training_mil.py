@@ -295,3 +295,18 @@ def test_authors_abmil_head_and_class_balanced_loss(tmp_path):
         [torch.zeros(2, 4)] * 4, np.array([0, 0, 0, 1]), list("pqrs"), list("wxyz"), "multiclass", ["lo", "hi"]
     )
     torch.testing.assert_close(class_balance_weights(classes, np.arange(4), "cpu"), torch.tensor([4 / 6, 4 / 2]))
+
+
+def test_cohort_size_is_checked_before_anything_runs_or_is_written(tmp_path):
+    _synthetic_cohort(tmp_path, n_cases=8)  # 4 patients, two cases each
+    config = _mil_config(tmp_path, folds=5)  # test fraction 0.2: 5 patient groups for 4 patients
+    with pytest.raises(ValueError, match=r"4 patients \(.*\) are too few .*data.nested: true and data.folds: 2"):
+        run_mil(config)
+    assert not (tmp_path / "mil").exists()  # no partial outputs
+    nested_too_many = _mil_config(tmp_path, nested=True, folds=3)
+    with pytest.raises(ValueError, match="nested cross-validation with 3 folds"):
+        run_mil(nested_too_many)
+    from clear_training.mil import Bags, check_cohort_size
+
+    workable = _mil_config(tmp_path, nested=True, folds=2)
+    check_cohort_size(Bags(workable.data), workable.data)  # what the message proposed is accepted

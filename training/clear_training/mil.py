@@ -222,6 +222,40 @@ def _check_test_not_pretrained(test_patients: set[str], store: Path) -> None:
         )
 
 
+def _cv_fits(n_patients: int, folds: int) -> bool:
+    """Folds need a patient each, in the whole set and in what is left when one fold is held out."""
+    return n_patients >= folds and n_patients - int(np.ceil(n_patients / folds)) >= folds
+
+
+def check_cohort_size(bags: Bags, data: MilData) -> None:
+    """Refuse, before anything is drawn or written, folds and test fractions the cohort's patients cannot
+    fill, saying what would work (scikit-learn would stop halfway with an error about n_splits)."""
+    total = len(set(bags.patients))
+    if data.nested:
+        ok, what = _cv_fits(total, data.folds), f"nested cross-validation with {data.folds} folds"
+    elif data.test_split is not None:
+        rest = len(set(bags.patients) - read_test_patients(data.test_split))
+        ok, what = rest >= data.folds, f"{data.folds} folds among the {rest} patients outside the fixed test set"
+    elif data.test_fraction > 0:
+        groups = max(2, round(1 / data.test_fraction))
+        ok = total >= groups and total - int(np.ceil(total / groups)) >= data.folds
+        what = f"a test fraction of {data.test_fraction} ({groups} patient groups) and then {data.folds} folds"
+    else:
+        ok, what = total >= data.folds, f"{data.folds} folds"
+    if ok:
+        return
+    strata = pd.Series(bags.strata()).groupby(bags.patients).first().value_counts().sort_index()
+    names = {-1: "no label", **dict(enumerate(bags.labels))}
+    per_class = ", ".join(f"{names.get(int(k), k)}: {v}" for k, v in strata.items())
+    workable = [k for k in range(min(total, 10), 1, -1) if _cv_fits(total, k)]
+    advice = (
+        f"with {total} patients use data.nested: true and data.folds: {workable[0]} (every patient is tested once)"
+        if workable
+        else f"{total} patients are too few to cross-validate"
+    )
+    raise ValueError(f"{data.table}: {total} patients ({per_class}) are too few for {what}; {advice}")
+
+
 def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
     """Patient-level, label-stratified: a test set (unless nested), then `folds` validation folds.
 
@@ -419,9 +453,10 @@ def run_mil(config: MilConfig, bags: Bags | None = None) -> dict:
     """The whole study: splits, folds, evaluation, outputs and export (bags: preloaded, optional)."""
     started = time.perf_counter()
     out = Path(config.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(config.run.device)
     bags = bags if bags is not None else Bags(config.data)
+    check_cohort_size(bags, config.data)  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     splits = make_splits(bags, config.data, config.run.seed)
     write_csv(out / "splits.csv", splits)
     labels, task = bags.labels, bags.task
