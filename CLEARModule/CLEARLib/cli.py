@@ -108,7 +108,7 @@ def _input_record(volume) -> dict:
 
 def cmd_predict(args) -> int:
     from .inference import CasePredictor
-    from .outputs import attention_plot_png, write_atomic, write_csv, write_json
+    from .outputs import attention_plot_png, relative_attention, top_slices_png, write_atomic, write_csv, write_json
 
     predictor = CasePredictor(
         args.model, device=args.device, batch_size=args.batch_size, backend=args.backend, precision=args.precision
@@ -129,7 +129,11 @@ def cmd_predict(args) -> int:
         write_atomic(
             out / "attention.png", attention_plot_png(result.attention, title=f"{Path(args.path).name}: attention")
         )
-        print(f"wrote predictions.json, predictions.csv, attention.csv, attention.png to {out}", file=sys.stderr)
+        top = result.attention.assign(relative=relative_attention(result.attention))
+        top = top.sort_values("relative", ascending=False, kind="stable").head(5)
+        write_atomic(out / "top_slices.png", top_slices_png(volume, top, predictor.bundle.windows))
+        written = "predictions.json, predictions.csv, attention.csv, attention.png, top_slices.png"
+        print(f"wrote {written} to {out}", file=sys.stderr)
     return 0
 
 

@@ -225,11 +225,24 @@ def test_cli_predict_writes_results(tmp_path, phantom, tiny_case_bundle, capsys)
         "attention.png",
         "predictions.csv",
         "predictions.json",
+        "top_slices.png",
     ]
+    assert (out / "top_slices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     attention = pd.read_csv(out / "attention.csv")
     assert len(attention) == 2 * volume.shape[0] and attention.attention.sum() == pytest.approx(1, abs=1e-5)
     assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(pd.read_csv(out / "predictions.csv").label) == ["liver", "lung", "bone"]
+
+
+def test_attention_is_shown_as_a_multiple_of_uniform(tiny_case_bundle, phantom):
+    from CLEARLib.outputs import attention_plot_png, relative_attention
+
+    volume, _ = phantom
+    result = CasePredictor(tiny_case_bundle, device="cpu").predict(volume)
+    relative = relative_attention(result.attention)
+    assert relative.mean() == pytest.approx(1.0, abs=1e-5)  # 1 = what every instance gets when all are equal
+    np.testing.assert_allclose(relative, result.attention.attention * 2 * volume.shape[0], rtol=1e-6)
+    assert attention_plot_png(result.attention, "t", lesion_z_mm=[0.0], top_k=3)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_lesion_and_errors(tmp_path, big_lesion_phantom, tiny_lesion_bundle, capsys):

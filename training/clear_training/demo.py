@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import json
 import sys
 import time
@@ -27,8 +26,9 @@ import yaml
 from CLEARLib.cli import build_parser as engine_parser
 from CLEARLib.cli import main as engine_main
 from CLEARLib.io import write_volume
-from CLEARLib.outputs import attention_plot_png, write_atomic
+from CLEARLib.outputs import attention_plot_png, relative_attention, top_slices_png, write_atomic
 from CLEARLib.phantom import Lesion, make_phantom
+from CLEARLib.preprocess import resolve_windows
 
 LABELS = ["liver", "lung"]
 
@@ -72,21 +72,6 @@ def _case(i: int, size: DemoSize, rng) -> tuple:
 def _lesion_slices(volume, lesion) -> list[int]:
     z = volume.slice_positions_mm
     return [int(k) for k in np.flatnonzero(np.abs(z - lesion.center_lps[2]) < lesion.radius_mm)]
-
-
-def _thumbnails(volume, slices, window=(-175.0, 275.0)) -> bytes:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(2.2 * len(slices), 2.4), dpi=90)
-    for i, (k, label) in enumerate(slices):
-        ax = fig.add_subplot(1, len(slices), i + 1)
-        ax.imshow(np.clip((volume.hu[k] - window[0]) / (window[1] - window[0]), 0, 1), cmap="gray")
-        ax.set_title(label, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def _yaml(path: Path, data: dict) -> Path:
@@ -303,16 +288,9 @@ def _report(
     z = volume.slice_positions_mm
     marks = [float(z[k]) for slices in lesion_slices.values() for k in slices]
     write_atomic(figures / "attention.png", attention_plot_png(result.attention, "held-out CT: attention", marks))
-    write_atomic(
-        figures / "top_slices.png",
-        _thumbnails(
-            volume,
-            [
-                (int(r.slice_index), f"slice {int(r.slice_index)} ({r.window}) {r.attention:.3f}")
-                for r in top.itertuples()
-            ],
-        ),
-    )
+    relative = result.attention.assign(relative=relative_attention(result.attention))
+    ranked = relative.sort_values("relative", ascending=False, kind="stable").head(len(top))  # = top, with x uniform
+    write_atomic(figures / "top_slices.png", top_slices_png(volume, ranked, resolve_windows(["abdomen", "lung"])))
     for name in ("roc.png", "pr.png"):
         if (out / "mil" / name).exists():
             write_atomic(figures / name, (out / "mil" / name).read_bytes())
