@@ -237,6 +237,29 @@ def test_prepare_ct_from_a_cohort_with_key_slices(tmp_path):
     assert len(store) == 20 and store.is_key.sum() == 1
     key = store.index[store.index.is_key].iloc[0]
     assert key.case_id == "case0" and key.slice_index == 3 and key.boxes == "5.00 6.00 15.00 18.00"
+    # Lesion types by name (as Slicer users type them) or by DeepLesion code; bad ones name file, row, column.
+    pd.DataFrame(
+        [
+            {"case_id": "case0", "key_slice_index": 3, "x1": 5, "y1": 6, "x2": 15, "y2": 18, "lesion_type": "Lung"},
+            {
+                "case_id": "case1",
+                "key_slice_index": 2,
+                "x1": 5,
+                "y1": 6,
+                "x2": 15,
+                "y2": 18,
+                "lesion_type": "soft tissue",
+            },
+        ]
+    ).to_csv(tmp_path / "named.csv", index=False)
+    prepare_ct(tmp_path / "cohort.csv", tmp_path / "named", tmp_path / "named.csv", size=40)
+    named = SliceStore(tmp_path / "named").index
+    assert sorted(named[named.is_key].lesion_types) == ["5", "7"]
+    pd.DataFrame(
+        [{"case_id": "case0", "key_slice_index": 3, "x1": 5, "y1": 6, "x2": 15, "y2": 18, "lesion_type": "tumour"}]
+    ).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match=r"bad.csv: row 1, column lesion_type: 'tumour'.*lung"):
+        prepare_ct(tmp_path / "cohort.csv", tmp_path / "bad", tmp_path / "bad.csv", size=40)
 
 
 def test_lesion_crop_is_centred_on_the_box_centre():

@@ -16,6 +16,7 @@ import pandas as pd
 
 from CLEARLib.io import read_ct
 
+from .deeplesion import lesion_type_code
 from .store import SliceRecord, SliceStoreWriter
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,18 @@ def prepare_ct(
     lesions = defaultdict(list)
     if key_slices_csv:
         keys = pd.read_csv(key_slices_csv, dtype={"case_id": str})
-        for row in keys.itertuples():
+        for number, row in enumerate(keys.itertuples(), start=1):
             if any(pd.isna(v) for v in (row.x1, row.y1, row.x2, row.y2)):
                 continue  # a key slice marked without a lesion box: nothing to centre a crop on
-            lesions[(row.case_id, int(row.key_slice_index))].append(
-                ((row.x1, row.y1, row.x2, row.y2), int(getattr(row, "lesion_type", -1)))
-            )
+            column = "key_slice_index"
+            try:
+                index = int(row.key_slice_index)
+                column = "lesion_type"
+                lesion_type = lesion_type_code(getattr(row, "lesion_type", None))
+            except (TypeError, ValueError) as exc:
+                value = getattr(row, column, None)
+                raise ValueError(f"{key_slices_csv}: row {number}, column {column}: {value!r}: {exc}") from exc
+            lesions[(row.case_id, index)].append(((row.x1, row.y1, row.x2, row.y2), lesion_type))
     writer = SliceStoreWriter(out, size=size, shard_slices=shard_slices, source=f"CT cohort {cohort_csv}")
     failures, used = [], 0
     for case in cohort.itertuples():

@@ -35,6 +35,25 @@ LESION_TYPES = {
 }
 
 
+def lesion_type_code(value) -> int:
+    """A lesion type given as DeepLesion's code (1..8, -1 = unlabelled) or by name ("lung", "soft tissue",
+    "soft_tissue"; any case); blank means unlabelled. ValueError says what is accepted."""
+    if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+        return -1
+    text = str(value).strip()
+    try:
+        code = int(float(text))
+    except ValueError:
+        names = {name.replace(" ", "_"): code for code, name in LESION_TYPES.items()} | {"unlabelled": -1}
+        key = text.lower().replace(" ", "_")
+        if key not in names:
+            raise ValueError(f"{text!r} is not a lesion type; use -1..8 or one of {', '.join(names)}") from None
+        return names[key]
+    if code != -1 and code not in LESION_TYPES:
+        raise ValueError(f"{code} is not a DeepLesion lesion code (1..8, -1 = unlabelled)")
+    return code
+
+
 def _floats(text, n: int, what: str) -> tuple[float, ...]:
     values = tuple(float(v) for v in str(text).split(","))
     if len(values) != n:
