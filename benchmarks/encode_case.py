@@ -23,7 +23,8 @@ from _memory import reset_peak_rss, rss_mb
 from CLEARLib.bundle import save_bundle
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.inference import CasePredictor
-from CLEARLib.inference.backends import cpu_has_native_bf16, max_rel_diff
+from CLEARLib.inference.backends import max_rel_diff
+from CLEARLib.inference.runtime import cpu_has_native_bf16
 from CLEARLib.io import read_ct, write_volume
 from CLEARLib.models import ABMIL, create_encoder
 from CLEARLib.phantom import make_phantom

@@ -49,8 +49,13 @@ def default_catalog_path() -> Path:
     return extension_file("models.json")
 
 
+def cache_root() -> Path:
+    """Where CLEAR caches what it makes or downloads: $CLEAR_CACHE, default ~/.cache/clear."""
+    return Path(os.environ.get("CLEAR_CACHE", Path.home() / ".cache" / "clear"))
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CLEAR_CACHE", Path.home() / ".cache" / "clear")) / "models"
+    return cache_root() / "models"
 
 
 def load_catalog(path: str | os.PathLike | None = None) -> Catalog:

@@ -41,9 +41,10 @@ def _add_read_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(args):
+def _read(args, path=None):
+    """The CT at `path` (default: the command's), with the command's read options."""
     return read_ct(
-        args.path,
+        path or args.path,
         series_uid=args.series_uid,
         allow_non_ct=args.allow_non_ct,
         resample_oblique=args.resample_oblique,
@@ -108,7 +109,7 @@ def _input_record(volume) -> dict:
 
 def cmd_predict(args) -> int:
     from .inference import CasePredictor
-    from .outputs import attention_plot_png, relative_attention, top_slices_png, write_atomic, write_csv, write_json
+    from .outputs import attention_plot_png, top_slices_png, write_atomic, write_csv, write_json
 
     predictor = CasePredictor(
         args.model, device=args.device, batch_size=args.batch_size, backend=args.backend, precision=args.precision
@@ -129,9 +130,7 @@ def cmd_predict(args) -> int:
         write_atomic(
             out / "attention.png", attention_plot_png(result.attention, title=f"{Path(args.path).name}: attention")
         )
-        top = result.attention.assign(relative=relative_attention(result.attention))
-        top = top.sort_values("relative", ascending=False, kind="stable").head(5)
-        write_atomic(out / "top_slices.png", top_slices_png(volume, top, predictor.bundle.windows))
+        write_atomic(out / "top_slices.png", top_slices_png(volume, result.attention, predictor.bundle.windows))
         written = "predictions.json, predictions.csv, attention.csv, attention.png, top_slices.png"
         print(f"wrote {written} to {out}", file=sys.stderr)
     return 0
@@ -196,8 +195,7 @@ def _lesion_table(args, predictor, out: Path | None) -> int:
     blocks, failed = [], []
     for image, rows in seeds.groupby("image_path", sort=False):
         try:
-            volume = read_ct(image, series_uid=args.series_uid, allow_non_ct=args.allow_non_ct,
-                             resample_oblique=args.resample_oblique)  # fmt: skip
+            volume = _read(args, image)
             points = rows[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
             blocks.append((rows, predictor.features(volume, points, coord="LPS")))
         except CLEARInputError as exc:  # report the rows and carry on with the other images

@@ -46,6 +46,12 @@ def relative_attention(attention: pd.DataFrame) -> pd.Series:
     return attention["attention"] * len(attention)
 
 
+def top_attention(attention: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The k most attended instances, highest first, with their attention as a multiple of uniform."""
+    table = attention.assign(relative=relative_attention(attention))
+    return table.sort_values("relative", ascending=False, kind="stable").head(k)
+
+
 def attention_plot_png(attention: pd.DataFrame, title: str = "", lesion_z_mm=(), top_k: int = 5) -> bytes:
     """One attention curve per window against slice position (mm; slice index on the top axis), as PNG bytes.
 
@@ -63,7 +69,7 @@ def attention_plot_png(attention: pd.DataFrame, title: str = "", lesion_z_mm=(),
     for window, rows in table.groupby("window", sort=False):
         rows = rows.sort_values("z_mm")
         ax.plot(rows.z_mm, rows.relative, label=f"{window} window", linewidth=1.4)
-    top = table.sort_values("relative", ascending=False, kind="stable").head(top_k)
+    top = top_attention(attention, top_k)
     ax.scatter(top.z_mm, top.relative, s=30, facecolors="none", edgecolors="black", linewidths=1.0, zorder=3,
                label=f"top {len(top)} instances")  # fmt: skip
     for row in top.itertuples():
@@ -92,24 +98,23 @@ def attention_plot_png(attention: pd.DataFrame, title: str = "", lesion_z_mm=(),
     return buffer.getvalue()
 
 
-def top_slices_png(volume, top: pd.DataFrame, windows) -> bytes:
-    """Thumbnails of the most attended instances (rows of slice_index, window, attention), each slice
-    shown under its own window, titled with its index, window, position and attention (x uniform)."""
+def top_slices_png(volume, attention: pd.DataFrame, windows, k: int = 5) -> bytes:
+    """Thumbnails of the k most attended instances of a case's attention table, each slice shown under its
+    own window, titled with its index, window, position and attention (x uniform)."""
     import io
 
     import numpy as np
     from matplotlib.figure import Figure
 
     bounds = {w.name: (w.low, w.high) for w in windows}
+    top = top_attention(attention, k)
     n = max(len(top), 1)
     fig = Figure(figsize=(2.2 * n, 2.9), dpi=90)
     for i, row in enumerate(top.itertuples()):
         low, high = bounds.get(row.window, (-175.0, 275.0))
         ax = fig.add_subplot(1, n, i + 1)
         ax.imshow(np.clip((volume.hu[int(row.slice_index)] - low) / (high - low), 0, 1), cmap="gray")
-        label = f"slice {int(row.slice_index)} ({row.window})\n{row.z_mm:.1f} mm"
-        if hasattr(row, "relative"):
-            label += f", {row.relative:.2f}x"
+        label = f"slice {int(row.slice_index)} ({row.window})\n{row.z_mm:.1f} mm, {row.relative:.2f}x"
         ax.set_title(label, fontsize=7)
         ax.axis("off")
     fig.tight_layout(pad=1.5)

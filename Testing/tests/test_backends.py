@@ -18,11 +18,11 @@ from CLEARLib.inference import CasePredictor
 from CLEARLib.inference.backends import (
     ONNX_MAX_REL_DIFF,
     SliceEncoderRunner,
-    cpu_has_native_bf16,
     export_onnx,
     max_rel_diff,
     onnx_cache_dir,
 )
+from CLEARLib.inference.runtime import cpu_has_native_bf16
 from CLEARLib.io import write_volume
 from CLEARLib.models import ABMIL, create_encoder
 from CLEARLib.outputs import write_json

@@ -30,6 +30,8 @@ TINY_ENCODER = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 
 # ------------------------------------------------------------------------------------------ losses
 def _by_hand(q, k, tau, extra_weight=None):
+    """-log(exp(s_ii) / denominator) averaged and scaled by 2 tau; the denominator is the row's sum of
+    exp(s_ij) plus `extra_weight(s_i, i)` when given."""
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     k = k / np.linalg.norm(k, axis=1, keepdims=True)
     s = q @ k.T / tau
@@ -37,7 +39,7 @@ def _by_hand(q, k, tau, extra_weight=None):
     for i in range(len(q)):
         denominator = np.exp(s[i]).sum()
         if extra_weight is not None:
-            denominator += extra_weight(s[i])
+            denominator += extra_weight(s[i], i)
         losses.append(-np.log(np.exp(s[i, i]) / denominator))
     return float(np.mean(losses) * 2 * tau)
 
@@ -49,21 +51,15 @@ def test_losses_against_hand_computation():
     tq, tk, tkey = torch.tensor(q), torch.tensor(k), torch.tensor(key)
     assert moco_v3_loss(tq, tk, 0.2).item() == pytest.approx(_by_hand(q, k, 0.2), rel=1e-6)
     for lam in (1.0, 3.0, 5.0):
-        expected = _by_hand(q, k, 0.2, lambda s, lam=lam: lam * np.exp(s[key]).sum())
+        expected = _by_hand(q, k, 0.2, lambda s, i, lam=lam: lam * np.exp(s[key]).sum())
         assert lecl_loss(tq, tk, tkey, lam, 0.2).item() == pytest.approx(expected, rel=1e-6)
 
 
 def _authors_lesion_loss(q, k, key, weight, tau):
     """The authors' contrastive_loss_lesion written out for one process: the denominator holds every
     exp(s_ij) plus exp(weight * s_ij) for each key-slice key j other than the query's own key i."""
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    k = k / np.linalg.norm(k, axis=1, keepdims=True)
-    s = q @ k.T / tau
-    losses = []
-    for i in range(len(q)):
-        extra = sum(np.exp(weight * s[i, j]) for j in np.flatnonzero(key) if j != i)
-        losses.append(-(s[i, i] - np.log(np.exp(s[i]).sum() + extra)))
-    return float(np.mean(losses) * 2 * tau)
+    keys = np.flatnonzero(key)
+    return _by_hand(q, k, tau, lambda s, i: sum(np.exp(weight * s[j]) for j in keys if j != i))
 
 
 def test_public_variant_is_the_authors_lesion_loss():

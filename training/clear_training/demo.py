@@ -26,7 +26,7 @@ import yaml
 from CLEARLib.cli import build_parser as engine_parser
 from CLEARLib.cli import main as engine_main
 from CLEARLib.io import write_volume
-from CLEARLib.outputs import attention_plot_png, relative_attention, top_slices_png, write_atomic
+from CLEARLib.outputs import attention_plot_png, top_slices_png, write_atomic
 from CLEARLib.phantom import Lesion, make_phantom
 from CLEARLib.preprocess import resolve_windows
 
@@ -288,9 +288,8 @@ def _report(
     z = volume.slice_positions_mm
     marks = [float(z[k]) for slices in lesion_slices.values() for k in slices]
     write_atomic(figures / "attention.png", attention_plot_png(result.attention, "held-out CT: attention", marks))
-    relative = result.attention.assign(relative=relative_attention(result.attention))
-    ranked = relative.sort_values("relative", ascending=False, kind="stable").head(len(top))  # = top, with x uniform
-    write_atomic(figures / "top_slices.png", top_slices_png(volume, ranked, resolve_windows(["abdomen", "lung"])))
+    windows = resolve_windows(["abdomen", "lung"])
+    write_atomic(figures / "top_slices.png", top_slices_png(volume, result.attention, windows, k=len(top)))
     for name in ("roc.png", "pr.png"):
         if (out / "mil" / name).exists():
             write_atomic(figures / name, (out / "mil" / name).read_bytes())

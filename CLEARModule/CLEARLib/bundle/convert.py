@@ -4,7 +4,6 @@ tensors and plain containers only, never arbitrary pickled objects.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors_file
 
+from ..catalog import sha256_of
 from ..errors import CLEARInputError
 from ..models import create_encoder, encoder_entry
 from ..preprocess.slices import InputSpec
@@ -44,6 +44,30 @@ def _tensors_only(state: dict, path: Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CLEARInputError(f"non-tensor entries in the state dict: {', '.join(map(str, bad[:5]))}", path)
     return state
+
+
+def _state_dict_of(checkpoint: dict, path: Path, keys=("state_dict", "model")) -> dict:
+    """The state dict inside a training checkpoint (the first of `keys` present), or the checkpoint itself."""
+    state = next((checkpoint[k] for k in keys if k in checkpoint), checkpoint)
+    if not isinstance(state, dict):
+        raise CLEARInputError("the checkpoint's state dict is not a dict", path)
+    return state
+
+
+def _save_slice_encoder(out, encoder, architecture: str, name: str, windows, input_size: int, description: str,
+                        provenance: dict) -> Path:  # fmt: skip
+    """An encoder-only case bundle of converted weights, with the encoder's own normalisation at `input_size`."""
+    spec = encoder_entry(architecture).input_spec
+    return save_bundle(
+        out,
+        name=name,
+        kind="case",
+        encoder=encoder,
+        windows=windows,
+        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
+        description=description,
+        provenance=provenance,
+    )
 
 
 def fmcib_trunk_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -85,8 +109,7 @@ def moco_encoder_state(path: str | os.PathLike, encoder: torch.nn.Module) -> dic
     `base_encoder.*`), drops the momentum encoder and the projector/predictor heads.
     """
     path = Path(path)
-    checkpoint = _load_checkpoint(path)
-    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    state = _state_dict_of(_load_checkpoint(path), path)
     for prefix in ("module.base_encoder.", "base_encoder."):
         base = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if base:
@@ -119,25 +142,16 @@ def convert_moco(
         kwargs.setdefault("img_size", input_size)
     encoder = create_encoder(architecture, **kwargs)
     load_state_strict(encoder, moco_encoder_state(checkpoint, encoder), f"{architecture} encoder", checkpoint)
-    spec = entry.input_spec
-    return save_bundle(
+    return _save_slice_encoder(
         out,
-        name=name or f"{architecture}-{Path(checkpoint).stem}",
-        kind="case",
-        encoder=encoder,
-        windows=windows,
-        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
-        description=f"{architecture} slice encoder from a contrastive pretraining checkpoint (no head)",
-        provenance={"converted_from": Path(checkpoint).name, "converter": "moco"},
+        encoder,
+        architecture,
+        name or f"{architecture}-{Path(checkpoint).stem}",
+        windows,
+        input_size,
+        f"{architecture} slice encoder from a contrastive pretraining checkpoint (no head)",
+        {"converted_from": Path(checkpoint).name, "converter": "moco"},
     )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def mambaout_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -158,10 +172,7 @@ def mambaout_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], li
         except (SafetensorError, OSError, ValueError) as exc:
             raise CLEARInputError(f"not a valid safetensors file: {exc}", path) from exc
     else:
-        checkpoint = _load_checkpoint(path)
-        state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
-        if not isinstance(state, dict):
-            raise CLEARInputError("the checkpoint's state dict is not a dict", path)
+        state = _state_dict_of(_load_checkpoint(path), path)
     state = checkpoint_filter_fn(_tensors_only(dict(state), path), None)
     dropped = sorted(k for k in state if k.startswith(_MAMBAOUT_CLASSIFIER_PREFIXES))
     return {k: v for k, v in state.items() if k not in dropped}, dropped
@@ -182,27 +193,9 @@ def convert_mambaout(
     if not architecture.startswith("mambaout_"):
         raise CLEARInputError(f"{architecture} is not a MambaOut encoder; use one of mambaout_femto ... mambaout_base")
     encoder_entry(architecture)
-    weights = Path(weights)
     state, dropped = mambaout_state(weights)
-    encoder = create_encoder(architecture, **(encoder_kwargs or {}))
-    # CLEAR's wrapper holds timm's network as `.model`.
-    load_state_strict(encoder, {f"model.{k}": v for k, v in state.items()}, f"{architecture} encoder", weights)
-    spec = encoder_entry(architecture).input_spec
-    return save_bundle(
-        out,
-        name=name or f"{architecture}-{weights.stem}",
-        kind="case",
-        encoder=encoder,
-        windows=windows,
-        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
-        description=f"{architecture} slice encoder from {weights.name} (pooled, normed features; no head)",
-        provenance={
-            "converted_from": weights.name,
-            "source_sha256": _file_sha256(weights),
-            "converter": "mambaout",
-            "dropped_classifier_keys": dropped,
-        },
-    )
+    return _convert_foreign(weights, state, dropped, out, architecture, "mambaout", name, windows, input_size,
+                            encoder_kwargs)  # fmt: skip
 
 
 # Official VMamba (MzeroMiko/VMamba) names -> CLEAR's VSSM names. Older checkpoints' names are first
@@ -230,11 +223,7 @@ def vmamba_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list
     import re
 
     path = Path(path)
-    checkpoint = _load_checkpoint(path)
-    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
-    if not isinstance(state, dict):
-        raise CLEARInputError("the checkpoint's state dict is not a dict", path)
-    state = _tensors_only(dict(state), path)
+    state = _tensors_only(dict(_state_dict_of(_load_checkpoint(path), path, keys=("model", "state_dict"))), path)
     renamed, dropped = {}, []
     for key, value in state.items():
         for pattern, replacement in _VMAMBA_LEGACY + _VMAMBA_RENAMES:
@@ -259,24 +248,30 @@ def convert_vmamba(
     renamed to CLEAR's modules, the classifier dropped by name, every other key strict."""
     if not architecture.startswith("vmamba"):
         raise CLEARInputError(f"{architecture} is not a VMamba encoder; use vmamba_v2 or vmamba_tiny")
-    entry = encoder_entry(architecture)
-    checkpoint = Path(checkpoint)
+    encoder_entry(architecture)
     state, dropped = vmamba_state(checkpoint)
+    return _convert_foreign(checkpoint, state, dropped, out, architecture, "vmamba", name, windows, input_size,
+                            encoder_kwargs)  # fmt: skip
+
+
+def _convert_foreign(source, state, dropped, out, architecture, converter, name, windows, input_size, encoder_kwargs):
+    """Published weights already renamed to the encoder's network (`.model` inside CLEAR's wrapper), their
+    classifier dropped: load every key strictly and save the encoder-only bundle, recording the source."""
+    source = Path(source)
     encoder = create_encoder(architecture, **(encoder_kwargs or {}))
-    load_state_strict(encoder, {f"model.{k}": v for k, v in state.items()}, f"{architecture} encoder", checkpoint)
-    spec = entry.input_spec
-    return save_bundle(
+    load_state_strict(encoder, {f"model.{k}": v for k, v in state.items()}, f"{architecture} encoder", source)
+    return _save_slice_encoder(
         out,
-        name=name or f"{architecture}-{checkpoint.stem}",
-        kind="case",
-        encoder=encoder,
-        windows=windows,
-        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
-        description=f"{architecture} slice encoder from {checkpoint.name} (pooled, normed features; no head)",
-        provenance={
-            "converted_from": checkpoint.name,
-            "source_sha256": _file_sha256(checkpoint),
-            "converter": "vmamba",
+        encoder,
+        architecture,
+        name or f"{architecture}-{source.stem}",
+        windows,
+        input_size,
+        f"{architecture} slice encoder from {source.name} (pooled, normed features; no head)",
+        {
+            "converted_from": source.name,
+            "source_sha256": sha256_of(source),
+            "converter": converter,
             "dropped_classifier_keys": dropped,
         },
     )

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -21,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..catalog import cache_root
 from ..errors import CLEARInputError
 from ..models import encoder_entry
 from ..outputs import write_atomic
-from .runtime import autocast
+from .runtime import autocast, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,6 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is slow emulation."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: ask oneDNN through torch
-        return "AMX" in torch.backends.cpu.get_cpu_capability() or "BF16" in torch.backends.cpu.get_cpu_capability()
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def max_rel_diff(output: np.ndarray, reference: np.ndarray) -> float:
     """max |output - reference| / max |reference|: one number for a whole batch of embeddings."""
     scale = float(np.abs(reference).max())
@@ -62,7 +52,7 @@ def max_rel_diff(output: np.ndarray, reference: np.ndarray) -> float:
 
 def onnx_cache_dir() -> Path:
     """Beside the model cache (CLEAR_CACHE, default ~/.cache/clear)."""
-    return Path(os.environ.get("CLEAR_CACHE", Path.home() / ".cache" / "clear")) / "onnx"
+    return cache_root() / "onnx"
 
 
 def onnx_cache_key(architecture: str, kwargs: dict, weights_sha256: str, input_size: int, channels: int) -> str:
@@ -166,7 +156,8 @@ class SliceEncoderRunner:
         self.backend = "torch"
         if wants_onnx:
             self._start_onnx(required=backend == "onnxruntime")
-        if device.type == "cpu" and precision == "bf16":
+        self.channels_last = device.type == "cuda" or precision == "bf16"
+        if self.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
 
     def _start_onnx(self, required: bool) -> None:
@@ -201,7 +192,7 @@ class SliceEncoderRunner:
             log.info("onnxruntime backend not used, running torch: %s", reason)
 
     def _torch(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" or self.precision == "bf16":
+        if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.precision):
             return self.encoder(pixels).float()

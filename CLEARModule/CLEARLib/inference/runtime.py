@@ -29,6 +29,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise ValueError(f"unknown device {device!r}: use auto, cpu, gpu or cuda[:N]")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is slow emulation."""
+    return bool(
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
 def autocast(device: torch.device, precision: str = "fp32"):
     """bf16 (or fp16) autocast on CUDA; on the CPU full precision (deterministic) unless bf16 is asked for."""
     if device.type == "cuda":

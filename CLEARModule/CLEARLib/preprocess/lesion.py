@@ -79,9 +79,8 @@ def fmcib_grid(volume: CTVolume, spacing_mm: float = 1.0) -> tuple[np.ndarray, n
     return first_lps, np.asarray(size, dtype=int)
 
 
-def _patch_start(volume: CTVolume, seed_lps: np.ndarray, size: int, spacing_mm: float) -> np.ndarray:
+def _patch_start(first_lps: np.ndarray, seed_lps: np.ndarray, size: int, spacing_mm: float) -> np.ndarray:
     """Grid index (x, y, z) of the patch's first point: the seed's index truncated toward zero, minus half."""
-    first_lps, _ = fmcib_grid(volume, spacing_mm)
     return np.trunc((seed_lps - first_lps) / spacing_mm).astype(int) - size // 2
 
 
@@ -102,7 +101,7 @@ def lesion_patch_centre(volume: CTVolume, seed, coord: str = "LPS", size: int = 
     lies in patch voxel 25 (of 0..49) at its fractional grid position, so the centre (between voxels 24
     and 25) is 0.5 to 1.5 voxels from the seed along each axis."""
     first_lps, _ = fmcib_grid(volume, spacing_mm)
-    start = _patch_start(volume, seed_to_lps(seed, coord), size, spacing_mm)
+    start = _patch_start(first_lps, seed_to_lps(seed, coord), size, spacing_mm)
     return first_lps + spacing_mm * (start + (size - 1) / 2)
 
 
@@ -125,7 +124,7 @@ def extract_lesion_patch(
     seed_lps = seed_to_lps(seed, coord)
     _check_seed_inside(volume, seed_lps, volume.meta.get("source"))
     first_lps, grid_size = fmcib_grid(volume, spacing_mm)
-    start = _patch_start(volume, seed_lps, size, spacing_mm)
+    start = _patch_start(first_lps, seed_lps, size, spacing_mm)
     stop = start + size
     if border == "fmcib":  # only the part of the crop inside the grid is sampled
         start, stop = np.maximum(start, 0), np.minimum(stop, grid_size)
