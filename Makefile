@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/clear-ct demo --out $(OUT)/demo
+	$(VENV)/bin/clear-train demo --out $(OUT)/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

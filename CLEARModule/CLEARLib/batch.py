@@ -19,8 +19,9 @@ import pandas as pd
 
 from .errors import CLEARCancelled
 from .inference import CasePredictor
-from .inference.runtime import check_cancel, report
+from .inference.runtime import check_cancel
 from .io import read_ct
+from .progress import report
 
 
 @dataclass

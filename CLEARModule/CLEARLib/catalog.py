@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import CLEARInputError
+from .files import atomic_path
 from .resources import extension_file
 
 CATALOG_VERSION = 1
@@ -86,28 +86,24 @@ def fetch(entry: CatalogEntry, cache_dir: str | os.PathLike | None = None, progr
     target = cache / f"{entry.name}-{entry.version}-{entry.sha256[:12]}.zip"
     if target.exists() and sha256_of(target) == entry.sha256:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=cache)
     digest, received = hashlib.sha256(), 0
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-                digest.update(block)
-                received += len(block)
-                if progress is not None:
-                    progress(min(received / entry.size, 1.0), f"downloading {entry.name}")
-        if digest.hexdigest() != entry.sha256 or received != entry.size:
-            raise CLEARInputError(
-                f"download of {entry.name} does not match the catalog (sha256 {digest.hexdigest()}, "
-                f"{received} bytes; expected {entry.sha256}, {entry.size} bytes)",
-                entry.url,
-            )
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:  # verified before it gets its final name
+            with open(tmp, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    digest.update(block)
+                    received += len(block)
+                    if progress is not None:
+                        progress(min(received / entry.size, 1.0), f"downloading {entry.name}")
+            if digest.hexdigest() != entry.sha256 or received != entry.size:
+                raise CLEARInputError(
+                    f"download of {entry.name} does not match the catalog (sha256 {digest.hexdigest()}, "
+                    f"{received} bytes; expected {entry.sha256}, {entry.size} bytes)",
+                    entry.url,
+                )
     except OSError as exc:
         raise CLEARInputError(f"cannot download {entry.name}: {exc}", entry.url) from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 

@@ -1,20 +1,20 @@
-"""`clear-ct`: the engine's command line. Every subcommand calls the same engine functions as Slicer."""
+"""`clear-ct`: the engine's command line. Every subcommand calls the same engine functions as Slicer.
+
+Heavy modules (numpy, pandas, SimpleITK, torch) are imported inside the commands that use them, so that
+`--help` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from . import __version__
-from .errors import CLEARInputError
-from .io import read_ct, write_volume
+from .errors import CLEARInputError, run_command
+from .progress import ProgressBar
 
 
 def add_backend_options(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,8 @@ def _add_read_options(parser: argparse.ArgumentParser) -> None:
 
 def _read(args, path=None):
     """The CT at `path` (default: the command's), with the command's read options."""
+    from .io import read_ct
+
     return read_ct(
         path or args.path,
         series_uid=args.series_uid,
@@ -76,6 +78,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_phantom(args) -> int:
+    from .io import write_volume
     from .phantom import make_phantom
 
     volume, lesions = make_phantom(
@@ -108,14 +111,18 @@ def _input_record(volume) -> dict:
 
 
 def cmd_predict(args) -> int:
+    import pandas as pd
+
+    from .files import write_atomic, write_csv, write_json
     from .inference import CasePredictor
-    from .outputs import attention_plot_png, top_slices_png, write_atomic, write_csv, write_json
+    from .outputs import attention_plot_png, top_slices_png
 
     predictor = CasePredictor(
         args.model, device=args.device, batch_size=args.batch_size, backend=args.backend, precision=args.precision
     )
     volume = _read(args)
-    result = predictor.predict(volume, progress=_progress if args.verbose else None)
+    with ProgressBar("predict", quiet=args.quiet) as bar:
+        result = predictor.predict(volume, progress=bar)
     summary = {"ct": str(args.path), "input": _input_record(volume), **result.to_dict()}
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
@@ -136,23 +143,21 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _feature_rows(predictor, seeds: pd.DataFrame, features: np.ndarray) -> pd.DataFrame:
+def _feature_rows(predictor, seeds, features):
     """One row per seed: the seed's columns, the bundle and its weights' sha256, then f0 ... f{D-1}."""
+    import pandas as pd
+
     manifest = predictor.bundle.manifest
     values = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])], index=seeds.index)
     info = seeds.assign(bundle=manifest.name, bundle_sha256=manifest.weights.sha256)
     return pd.concat([info, values], axis=1)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def cmd_lesion(args) -> int:
+    import pandas as pd
+
+    from .files import write_csv, write_json, write_npy
     from .inference import LesionPredictor
-    from .outputs import write_atomic, write_csv, write_json
 
     if (args.seed is None) == (args.seeds is None):
         raise CLEARInputError("give one seed (--seed x,y,z with the CT) or a seed table (--seeds table.csv)")
@@ -167,7 +172,8 @@ def cmd_lesion(args) -> int:
     if args.seeds is not None:
         return _lesion_table(args, predictor, out)
     volume = _read(args)
-    result = predictor.predict(volume, args.seed, coord=args.coord, stability=args.stability)
+    with ProgressBar("lesion", total=1 + args.stability, unit="patch", quiet=args.quiet) as bar:
+        result = predictor.predict(volume, args.seed, coord=args.coord, stability=args.stability, progress=bar)
     summary = {"ct": str(args.path), "input": _input_record(volume), "seed": args.seed, "coord": args.coord}
     summary.update(border=args.border, **result.to_dict())
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
@@ -176,10 +182,10 @@ def cmd_lesion(args) -> int:
         seed = pd.DataFrame([{"image_path": str(args.path), "coordX": result.seed_lps[0], "coordY": result.seed_lps[1],
                               "coordZ": result.seed_lps[2]}])  # fmt: skip
         write_csv(out / "features.csv", _feature_rows(predictor, seed, result.features[None]))
-        write_atomic(out / "features.npy", _npy_bytes(result.features[None]))
+        write_npy(out / "features.npy", result.features[None])
         written = ["lesion.json", "features.csv", "features.npy"]
         if result.stability is not None:
-            write_atomic(out / "feature_cv.npy", _npy_bytes(result.stability["feature_cv"]))
+            write_npy(out / "feature_cv.npy", result.stability["feature_cv"])
             written.append("feature_cv.npy")
         write_json(out / "lesion.json", summary)
         print(f"wrote {', '.join(written)} to {out}", file=sys.stderr)
@@ -188,25 +194,31 @@ def cmd_lesion(args) -> int:
 
 def _lesion_table(args, predictor, out: Path | None) -> int:
     """FMCIB's get_features for a seed table: every image read once, one features table for all seeds."""
+    import numpy as np
+    import pandas as pd
+
+    from .files import write_csv, write_json, write_npy
     from .io import read_seed_table
-    from .outputs import write_atomic, write_csv, write_json
 
     seeds = read_seed_table(args.seeds)
     blocks, failed = [], []
-    for image, rows in seeds.groupby("image_path", sort=False):
-        try:
-            volume = _read(args, image)
-            points = rows[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
-            blocks.append((rows, predictor.features(volume, points, coord="LPS")))
-        except CLEARInputError as exc:  # report the rows and carry on with the other images
-            failed += [{"row": int(i) + 1, "image_path": image, "error": str(exc)} for i in rows.index]
+    images = seeds.groupby("image_path", sort=False)
+    with ProgressBar("lesion", total=images.ngroups, unit="image", quiet=args.quiet) as bar:
+        for done, (image, rows) in enumerate(images, start=1):
+            try:
+                volume = _read(args, image)
+                points = rows[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
+                blocks.append((rows, predictor.features(volume, points, coord="LPS")))
+            except CLEARInputError as exc:  # report the rows and carry on with the other images
+                failed += [{"row": int(i) + 1, "image_path": image, "error": str(exc)} for i in rows.index]
+            bar(done / images.ngroups, Path(image).name)
     summary = {"seeds": str(args.seeds), "bundle": predictor.bundle.manifest.name, "scored": 0, "failed": failed}
     if blocks:
         table = pd.concat([_feature_rows(predictor, rows, feats) for rows, feats in blocks]).sort_index()
         summary["scored"] = len(table)
         if out:
             write_csv(out / "features.csv", table)
-            write_atomic(out / "features.npy", _npy_bytes(table.filter(regex=r"^f\d+$").to_numpy(np.float32)))
+            write_npy(out / "features.npy", table.filter(regex=r"^f\d+$").to_numpy(np.float32))
     print(json.dumps(summary, indent=2))
     if out:
         write_json(out / "lesion.json", summary)
@@ -230,14 +242,11 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _progress(fraction: float, message: str) -> None:
-    print(f"\r{100 * fraction:5.1f}% {message}", end="\n" if fraction >= 1 else "", file=sys.stderr, flush=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clear-ct", description=__doc__)
     parser.add_argument("--version", action="version", version=f"clear-ct {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="read a CT and print its geometry and HU statistics")
@@ -319,11 +328,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(attach_negative_values(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except CLEARInputError as exc:
-        print(f"clear-ct: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("clear-ct", args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""The one exception family for bad input: a ValueError whose message names the file and the problem."""
+"""CLEAR's exception family and the one exit-code policy of its command lines.
+
+- CLEARInputError: input CLEAR cannot use as given; the message names the file and the problem (exit 2).
+- CLEARRunError: a run that cannot go on although its input is fine (no GPU, no rendezvous, a diverged
+  loss); said plainly, not blamed on the input (exit 1).
+- CLEARCancelled, Ctrl-C: the user stopped it (exit 130). Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import sys
 from os import PathLike
 
 
@@ -14,5 +21,31 @@ class CLEARInputError(ValueError):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class CLEARRunError(RuntimeError):
+    """A run that cannot go on for a reason other than its input (device, cluster, numerics)."""
+
+
 class CLEARCancelled(Exception):
     """Raised inside a long-running call when the user's cancel request is seen."""
+
+
+EXIT_INPUT, EXIT_RUN, EXIT_CANCELLED = 2, 1, 130
+
+
+def run_command(prog: str, command, args) -> int:
+    """Run one CLI command under the exit-code policy above; messages go to stderr as `prog: ...`."""
+    try:
+        return command(args)
+    except CLEARInputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # a path the user gave that the system cannot open: bad input, and the message names it
+        print(f"{prog}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INPUT
+    except CLEARRunError as exc:
+        print(f"{prog}: failed: {exc}", file=sys.stderr)
+        return EXIT_RUN
+    except (CLEARCancelled, KeyboardInterrupt):
+        print(f"{prog}: stopped by the user", file=sys.stderr)
+        return EXIT_CANCELLED

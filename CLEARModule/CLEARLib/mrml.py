@@ -376,7 +376,7 @@ class KeySliceAnnotations:
         return slice_index
 
     def export(self, path: str | os.PathLike) -> str:
-        from .outputs import write_csv
+        from .files import write_csv
 
         frame = self.frame()
         return str(write_csv(path, frame.sort_values("key_slice_index", kind="stable")))

@@ -1,43 +1,18 @@
-"""Result files for batch users: written atomically (temporary file in the same folder, then rename)."""
+"""Pictures of results: attention curves and top-slice thumbnails, as PNG bytes (written with CLEARLib.files)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
+import io
 
 import pandas as pd
 
 
-def default_file_mode() -> int:
-    """The mode open() would give a new file under the current umask (mkstemp's is always 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path, payload: dict) -> Path:
-    return write_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def write_csv(path, frame: pd.DataFrame) -> Path:
-    return write_atomic(path, frame.to_csv(index=False))
+def figure_png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes. Pictures are drawn with the object API (matplotlib.figure.Figure):
+    no pyplot state and no global backend change (Slicer has its own)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def relative_attention(attention: pd.DataFrame) -> pd.Series:
@@ -58,10 +33,8 @@ def attention_plot_png(attention: pd.DataFrame, title: str = "", lesion_z_mm=(),
     Attention is shown as a multiple of uniform on an axis from 0 (dashed line: uniform); the `top_k` most
     attended instances are marked with their slice index; `lesion_z_mm` draws dotted lines (true lesions).
     """
-    import io
-
     import numpy as np
-    from matplotlib.figure import Figure  # object API: no pyplot, no global backend change (Slicer has its own)
+    from matplotlib.figure import Figure
 
     table = attention.assign(relative=relative_attention(attention))
     fig = Figure(figsize=(8, 3.6), dpi=110)
@@ -93,16 +66,12 @@ def attention_plot_png(attention: pd.DataFrame, title: str = "", lesion_z_mm=(),
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def top_slices_png(volume, attention: pd.DataFrame, windows, k: int = 5) -> bytes:
     """Thumbnails of the k most attended instances of a case's attention table, each slice shown under its
     own window, titled with its index, window, position and attention (x uniform)."""
-    import io
-
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -118,6 +87,4 @@ def top_slices_png(volume, attention: pd.DataFrame, windows, k: int = 5) -> byte
         ax.set_title(label, fontsize=7)
         ax.axis("off")
     fig.tight_layout(pad=1.5)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)

@@ -14,6 +14,7 @@ from conftest import TINY_MAMBAOUT
 from CLEARLib.bundle import load_bundle, save_bundle
 from CLEARLib.cli import main as clear_ct
 from CLEARLib.errors import CLEARInputError
+from CLEARLib.files import write_json
 from CLEARLib.inference import CasePredictor
 from CLEARLib.inference.backends import (
     ONNX_MAX_REL_DIFF,
@@ -25,7 +26,6 @@ from CLEARLib.inference.backends import (
 from CLEARLib.inference.runtime import cpu_has_native_bf16
 from CLEARLib.io import write_volume
 from CLEARLib.models import ABMIL, create_encoder
-from CLEARLib.outputs import write_json
 from CLEARLib.preprocess import InputSpec
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is a dependency; these tests need it installed")

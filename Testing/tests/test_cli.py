@@ -40,6 +40,36 @@ def test_bad_input_exits_2_with_the_file_named(tmp_path, capsys):
     assert "nothing-here" in err and "no such file" in err
 
 
+def test_one_exit_code_policy_for_both_clis(tmp_path, tiny_case_bundle, capsys):
+    from clear_training.cli import main as train_main
+
+    ct = tmp_path / "ct.nrrd"
+    assert main(["phantom", str(ct), "--shape", "8", "32", "32"]) == 0
+    capsys.readouterr()
+    # a run that cannot go on (no GPU here) is not blamed on the input
+    assert main(["predict", str(ct), "--model", str(tiny_case_bundle), "--device", "gpu"]) == 1
+    assert "clear-ct: failed: a GPU was requested" in capsys.readouterr().err
+    # bad training input names the file, exit 2, no traceback
+    assert train_main(["stats", "--out-dir", str(tmp_path / "s")]) == 2
+    assert "give --survival" in capsys.readouterr().err
+    assert train_main(["probe", str(tmp_path / "missing.h5")]) == 2
+    assert "missing.h5" in capsys.readouterr().err
+
+
+def test_engine_cli_starts_without_heavy_imports():
+    """`clear-ct --help` and `info` must answer at once: numpy, pandas, SimpleITK and torch load on use."""
+    code = "import sys, CLEARLib.cli; print(sorted({'torch', 'pandas', 'SimpleITK', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_demo_is_a_training_command():
+    from clear_training.cli import build_parser
+
+    args = build_parser().parse_args(["-v", "demo", "--out", "x", "--small"])
+    assert args.verbose and args.small and args.out == "x"
+
+
 def test_console_scripts_are_installed():
     bin_dir = Path(sys.executable).parent
     result = subprocess.run([str(bin_dir / "clear-ct"), "--version"], capture_output=True, text=True, check=True)

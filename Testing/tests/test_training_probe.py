@@ -42,10 +42,15 @@ def test_lesion_features_and_probe_export(tmp_path, tiny_lesion_bundle):
     assert report["seeds"] == 16 and len(report["failed"]) == 1
     from clear_training.probe import load_probe_data
 
-    x, y, attrs = load_probe_data(tmp_path / "feats.h5")
+    data = load_probe_data(tmp_path / "feats.h5")
+    x, y = data.x, data.y
     assert x.shape == (16, 64) and set(y) == {"benign", "malignant"}
-    result = evaluate_probe(x, y, folds=4, n_boot=50)
+    assert data.grouped_by == "case_id" and len(set(data.groups)) == 16
+    result = evaluate_probe(x, y, folds=4, n_boot=50, groups=data.groups)
     assert set(result["metrics"]) == {"balanced_accuracy", "map", "auc"}
+    protocol = result["protocol"]
+    assert protocol["n"] == 16 and protocol["class_counts"] == {"benign": 8, "malignant": 8}
+    assert protocol["grouped_by_patient"] and len(protocol["chosen"]) == 4 and "grid of 10 C" in protocol["search"]
     model = fit_probe(x, y, folds=4)
     bundle_path = export_probe(model, result["classes"], tiny_lesion_bundle, tmp_path / "probe.zip", "probe")
     # The exported head reproduces the sklearn probe on the same features.
@@ -80,6 +85,28 @@ def test_probe_parameter_search_with_optuna(tmp_path, tiny_lesion_bundle):
     with torch.no_grad():
         logits = bundle.head(torch.from_numpy(x[:10]).float())[:, 0]
     assert np.allclose(torch.sigmoid(logits).numpy(), model.predict_proba(x[:10])[:, 1], atol=1e-4)
+
+
+def test_probe_cv_keeps_each_patient_on_one_side_checks_sizes_and_warns_nothing():
+    import warnings
+
+    from clear_training.probe import _folds
+    from CLEARLib.errors import CLEARInputError
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i}" for i in range(20)], 3)  # three lesions per patient
+    y = np.where(np.repeat(np.arange(20) % 2, 3) == 1, "malignant", "benign")
+    x = rng.normal(size=(60, 8)) + 2.0 * (y == "malignant")[:, None]
+    for train, test in _folds(y, patients, 5, 0, "cv").split(x, y, patients):
+        assert not set(patients[train]) & set(patients[test])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no library warnings for the user to decode
+        result = evaluate_probe(x, y, folds=5, n_boot=20, groups=patients)
+    assert result["protocol"]["patients"] == 20 and result["metrics"]["auc"] > 0.9
+    with pytest.raises(
+        CLEARInputError, match=r"needs 12 patients per class \(benign: 10, malignant: 10\); use --folds 10"
+    ):
+        evaluate_probe(x, y, folds=12, n_boot=0, groups=patients)
 
 
 def test_probe_metrics_and_permutation_test_by_hand():

@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 
+from CLEARLib.errors import CLEARInputError, run_command
+from CLEARLib.progress import ProgressBar
+
 from . import __version__
-from .config import ConfigError
 
 
 def cmd_prepare_deeplesion(args) -> int:
@@ -46,8 +48,9 @@ def cmd_pretrain(args) -> int:
         print(config.model_dump_json(indent=2))
         return 0
     trainer = Trainer(config)
-    trainer.fit()
-    if trainer.dist.is_main and trainer.epoch >= config.run.epochs:
+    with ProgressBar("pretrain", total=trainer.total_steps(), unit="step", quiet=args.quiet) as bar:
+        trainer.fit(progress=bar)
+    if trainer.dist.is_main:  # after the last epoch or run.max_steps
         path = export_encoder(trainer.out_dir / "last.pt", trainer.out_dir / f"{config.run.name}.zip")
         print(f"exported encoder bundle {path}")
     return 0
@@ -62,8 +65,10 @@ def _lesion_command(args, finetune: bool) -> int:
         print(config.model_dump_json(indent=2))
         return 0
     trainer = (LesionFinetuner if finetune else LesionPretrainer)(config)
-    trainer.fit()
-    if trainer.dist.is_main and trainer.epoch >= config.run.epochs:
+    desc = "lesion-finetune" if finetune else "lesion-pretrain"
+    with ProgressBar(desc, total=trainer.total_steps(), unit="step", quiet=args.quiet) as bar:
+        trainer.fit(progress=bar)
+    if trainer.dist.is_main:
         path = export_lesion_bundle(trainer.out_dir / "last.pt", trainer.out_dir / f"{config.run.name}.zip")
         print(f"exported lesion bundle {path}")
     return 0
@@ -95,6 +100,7 @@ def cmd_extract(args) -> int:
         batch_size=args.batch_size,
         backend=args.backend,
         precision=args.precision,
+        progress=ProgressBar("extract", quiet=args.quiet),
     )
     print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}, indent=2))
     for failure in report["failed"]:
@@ -119,29 +125,34 @@ def cmd_mil(args) -> int:
 def cmd_extract_lesions(args) -> int:
     from .probe import extract_lesion_features
 
-    print(json.dumps(extract_lesion_features(args.model, args.seeds, args.out, device=args.device), indent=2))
+    with ProgressBar("extract-lesions", quiet=args.quiet) as bar:
+        summary = extract_lesion_features(args.model, args.seeds, args.out, device=args.device, progress=bar)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_probe(args) -> int:
     import numpy as np
 
-    from CLEARLib.outputs import write_json
+    from CLEARLib.files import write_json
 
     from .probe import compare_probes, evaluate_probe, export_probe, fit_probe, load_probe_data
 
-    x, y, _ = load_probe_data(args.features)
-    result = evaluate_probe(x, y, folds=args.folds, seed=args.seed, n_boot=args.bootstrap, trials=args.trials)
-    report = {k: result[k] for k in ("classes", "metrics", "ci95")}
+    data = load_probe_data(args.features)
+    options = {"folds": args.folds, "seed": args.seed, "trials": args.trials, "groups": data.groups}
+    with ProgressBar("probe", total=args.folds, unit="fold", quiet=args.quiet) as bar:
+        result = evaluate_probe(data.x, data.y, n_boot=args.bootstrap, progress=bar, **options)
+    report = {"features": str(args.features), **{k: result[k] for k in ("classes", "metrics", "ci95", "protocol")}}
+    report["protocol"]["grouped_by"] = data.grouped_by
     if args.compare:
-        x_b, y_b, _ = load_probe_data(args.compare)
-        if not np.array_equal(y, y_b):
-            raise ValueError(f"{args.compare}: labels differ from {args.features}; compare the same cases")
-        report["comparison"] = compare_probes(x, x_b, y, folds=args.folds, seed=args.seed, trials=args.trials)
+        other = load_probe_data(args.compare)
+        if not np.array_equal(data.y, other.y):
+            raise CLEARInputError(f"labels differ from {args.features}; compare the same cases", args.compare)
+        report["comparison"] = compare_probes(data.x, other.x, data.y, **options)
     if args.export:
         if not args.lesion_bundle:
-            raise ValueError("--export needs --lesion-bundle (the bundle whose features were probed)")
-        model = fit_probe(x, y, args.folds, args.seed, args.trials)
+            raise CLEARInputError("--export needs --lesion-bundle (the bundle whose features were probed)")
+        model = fit_probe(data.x, data.y, **options)
         report["bundle"] = str(export_probe(model, result["classes"], args.lesion_bundle, args.export, args.name))
     if args.out:
         write_json(args.out, report)
@@ -152,7 +163,7 @@ def cmd_probe(args) -> int:
 def cmd_stats(args) -> int:
     import pandas as pd
 
-    from CLEARLib.outputs import write_json
+    from CLEARLib.files import write_json
 
     from .stats import embedding_plot, survival_analysis
 
@@ -163,13 +174,24 @@ def cmd_stats(args) -> int:
     if args.features:
         from .probe import load_probe_data
 
-        x, y, _ = load_probe_data(args.features)
-        embedding_plot(x, y, f"{args.out_dir}/{args.method}.png", method=args.method)
+        data = load_probe_data(args.features)
+        embedding_plot(data.x, data.y, f"{args.out_dir}/{args.method}.png", method=args.method)
         out["embedding"] = f"{args.out_dir}/{args.method}.png"
     if not out:
-        raise ValueError("give --survival TABLE and/or --features FILE.h5")
+        raise CLEARInputError("give --survival TABLE and/or --features FILE.h5")
     write_json(f"{args.out_dir}/stats.json", out)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from .demo import SMALL, DemoSize, run_demo
+
+    summary = run_demo(args.out, SMALL if args.small else DemoSize())
+    print(f"\nreport: {Path(summary['report']).resolve()}")
+    print(f"bundles: {summary['case_bundle']}, {summary['lesion_bundle']}, {summary['encoder_bundle']}")
     return 0
 
 
@@ -187,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="CLEAR training: pretraining, feature extraction, MIL, probes and export.",
     )
     parser.add_argument("--version", action="version", version=f"clear-train {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage decides")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines")
     sub = parser.add_subparsers(dest="command", title="stages", required=True)
 
     p = sub.add_parser("prepare-deeplesion", help="DeepLesion -> slice store for pretraining (once)")
@@ -266,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_arguments(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("demo", help="CLEAR end to end on synthetic CTs, with an HTML report (make demo)")
+    p.add_argument("--out", default="clear-output/demo", help="output folder (report in report/index.html)")
+    p.add_argument("--small", action="store_true", help="a shorter lesion-model run, as the tests use")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("export", help="pretraining checkpoint -> encoder bundle for the engine")
     p.add_argument("checkpoint")
     p.add_argument("out", help="bundle folder or .zip")
@@ -277,11 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"clear-train: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("clear-train", args.func, args)
 
 
 if __name__ == "__main__":

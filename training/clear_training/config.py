@@ -9,11 +9,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from CLEARLib.errors import CLEARInputError
 from CLEARLib.models import list_encoders
 from CLEARLib.preprocess import resolve_windows
 
 
-class ConfigError(ValueError):
+class ConfigError(CLEARInputError):
     """A config file that cannot be used; the message names the file and every bad key."""
 
 

@@ -1,20 +1,15 @@
-"""`clear-ct demo`: CLEAR end to end on a deterministic synthetic cohort, with an HTML report.
+"""`clear-train demo`: CLEAR end to end on a deterministic synthetic cohort, with an HTML report.
 
 Synthetic CTs with lesions in known organs go through the real pipeline with a small encoder:
 a short LeCL pretraining, feature extraction, ABMIL cross-validation, export of a case bundle,
 prediction on a held-out CT, and a lesion model with a seed and its stability. The bundles it makes
 load in the Slicer module and in `clear-ct predict` / `clear-ct lesion`.
-
-It lives in the training package (it trains), and `clear-ct` is this module's `ct_main`: the engine
-CLI plus `demo`, so that the engine itself never imports training code.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +18,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from CLEARLib.cli import build_parser as engine_parser
-from CLEARLib.cli import main as engine_main
+from CLEARLib.files import write_atomic
 from CLEARLib.io import write_volume
-from CLEARLib.outputs import attention_plot_png, top_slices_png, write_atomic
+from CLEARLib.outputs import attention_plot_png, top_slices_png
 from CLEARLib.phantom import Lesion, make_phantom
 from CLEARLib.preprocess import resolve_windows
 
@@ -353,23 +347,4 @@ def _fmt_ci(value) -> str:
     return "n/a" if not value else f"{value[0]:.3f} - {value[1]:.3f}"
 
 
-def ct_main(argv=None) -> int:
-    """`clear-ct`: the engine's CLI, plus `demo`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(engine_parser().format_help())
-        print("  demo                run CLEAR end to end on synthetic CTs, with an HTML report (clear-ct demo --help)")
-        return 0
-    if not argv or argv[0] != "demo":
-        return engine_main(argv)
-    parser = argparse.ArgumentParser(prog="clear-ct demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="clear-output/demo", help="output folder (report in report/index.html)")
-    parser.add_argument("--small", action="store_true", help="a shorter lesion-model run, as the tests use")
-    args = parser.parse_args(argv[1:])
-    summary = run_demo(args.out, SMALL if args.small else DemoSize())
-    print(f"\nreport: {Path(summary['report']).resolve()}")
-    print(f"bundles: {summary['case_bundle']}, {summary['lesion_bundle']}, {summary['encoder_bundle']}")
-    return 0
-
-
-__all__ = ["SMALL", "DemoSize", "ct_main", "run_demo"]
+__all__ = ["SMALL", "DemoSize", "run_demo"]

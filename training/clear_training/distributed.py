@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from CLEARLib.errors import CLEARRunError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -50,7 +52,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_PORT", "29500")
         if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("MASTER_ADDR is not set: launch with torchrun, or srun with the sbatch template")
+            raise CLEARRunError("MASTER_ADDR is not set: launch with torchrun, or srun with the sbatch template")
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, dev)
 

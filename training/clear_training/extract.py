@@ -21,7 +21,11 @@ import numpy as np
 import pandas as pd
 
 from CLEARLib import __version__ as clear_version
+from CLEARLib.errors import CLEARInputError
+from CLEARLib.files import atomic_path
 from CLEARLib.io import CTVolume, read_ct
+from CLEARLib.progress import report as report_progress
+from CLEARLib.progress import scaled
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ def read_deeplesion_study(folder: Path, spacing) -> CTVolume:
 
     files = sorted(Path(folder).glob("*.png"), key=lambda p: int(p.stem))
     if not files:
-        raise FileNotFoundError(f"{folder}: no PNG slices")
+        raise CLEARInputError("no PNG slices", folder)
     hu = np.stack([read_png_hu(p) for p in files])
     return CTVolume.from_array(hu, spacing, (0.0, 0.0, 0.0), meta={"source": str(folder), "format": "deeplesion"})
 
@@ -44,7 +48,7 @@ def read_radchest(path: Path, spacing) -> CTVolume:
     with np.load(path) as data:
         key = "ct" if "ct" in data.files else (data.files[0] if len(data.files) == 1 else None)
         if key is None:
-            raise ValueError(f"{path}: expected an array named 'ct', found {data.files}")
+            raise CLEARInputError(f"expected an array named 'ct', found {data.files}", path)
         hu = data[key]
     return CTVolume.from_array(hu, spacing, (0.0, 0.0, 0.0), meta={"source": str(path), "format": "radchest"})
 
@@ -67,22 +71,21 @@ def read_case(row) -> CTVolume:
         return read_ct(row.path)
     if fmt == "deeplesion":
         if spacing is None:
-            raise ValueError(f"{row.path}: DeepLesion studies need spacing_x, spacing_y, spacing_z columns")
+            raise CLEARInputError("DeepLesion studies need spacing_x, spacing_y, spacing_z columns", row.path)
         return read_deeplesion_study(Path(row.path), spacing)
     if fmt == "radchest":
         return read_radchest(Path(row.path), spacing or RADCHEST_DEFAULT_SPACING)
-    raise ValueError(f"unknown cohort format {fmt!r} for {row.path}")
+    raise CLEARInputError(f"unknown cohort format {fmt!r}", row.path)
 
 
 def read_cohort_table(path: str | os.PathLike) -> pd.DataFrame:
     cohort = pd.read_csv(path, dtype={"case_id": str}, keep_default_na=True)
     missing = {"case_id", "path"} - set(cohort.columns)
     if missing:
-        raise ValueError(f"{path}: cohort table needs columns {sorted(missing)}")
+        raise CLEARInputError(f"cohort table needs columns {sorted(missing)}", path)
     if cohort.case_id.duplicated().any():
-        raise ValueError(
-            f"{path}: duplicated case_id values {sorted(set(cohort.case_id[cohort.case_id.duplicated()]))}"
-        )
+        duplicated = sorted(set(cohort.case_id[cohort.case_id.duplicated()]))
+        raise CLEARInputError(f"duplicated case_id values {duplicated}", path)
     base = Path(path).parent
     cohort["path"] = [str(p if Path(p).is_absolute() else base / p) for p in cohort.path]
     return cohort
@@ -104,21 +107,14 @@ def is_done(path: Path, encoder_sha256: str) -> bool:
 
 
 def write_features(path: Path, embeddings: np.ndarray, table: dict, attrs: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("feats", data=embeddings.astype(np.float16), compression="lzf")
-            f.create_dataset("slice_index", data=np.asarray(table["slice_index"], dtype=np.int32))
-            f.create_dataset("window", data=np.asarray(table["window"]).astype("S"))
-            f.create_dataset("z_mm", data=np.asarray(table["z_mm"], dtype=np.float32))
-            for key, value in attrs.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("feats", data=embeddings.astype(np.float16), compression="lzf")
+        f.create_dataset("slice_index", data=np.asarray(table["slice_index"], dtype=np.int32))
+        f.create_dataset("window", data=np.asarray(table["window"]).astype("S"))
+        f.create_dataset("z_mm", data=np.asarray(table["z_mm"], dtype=np.float32))
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    return Path(path)
 
 
 def read_features(path: str | os.PathLike, windows=None) -> dict:
@@ -145,8 +141,10 @@ def extract(
     world_size: int | None = None,
     backend: str = "auto",
     precision: str = "fp32",
+    progress=None,
 ) -> dict:
-    """Extract every case of the cohort this rank owns; returns (and writes) this rank's report."""
+    """Extract every case of the cohort this rank owns; returns (and writes) this rank's report.
+    `progress(fraction, message)` follows the cases and the instances within each."""
     from CLEARLib.inference import CasePredictor
 
     from .distributed import init_distributed
@@ -168,14 +166,19 @@ def extract(
         "clear_version": clear_version,
     }
     report = {"rank": rank, "world_size": world_size, "done": [], "skipped": [], "failed": []}
-    for row in cohort.iloc[rank::world_size].itertuples():
+    mine = cohort.iloc[rank::world_size]
+    for i, row in enumerate(mine.itertuples()):
         target = feature_file(out_dir, row.case_id)
+        case_progress = scaled(
+            progress, i / len(mine), (i + 1) / len(mine), f"case {i + 1}/{len(mine)} {row.case_id}: "
+        )
         if is_done(target, sha):
             report["skipped"].append(row.case_id)
+            report_progress(case_progress, 1.0, "done before")
             continue
         try:
             volume = read_case(row)
-            embeddings, table = predictor.encode(volume)
+            embeddings, table = predictor.encode(volume, progress=case_progress)
             runtime = {"encoder_backend": predictor.runner.backend, "encoder_precision": precision}
             write_features(
                 target, embeddings, table, {**attrs, **runtime, "case_id": row.case_id, "source": str(row.path)}
@@ -184,7 +187,7 @@ def extract(
         except Exception as exc:  # report and carry on
             log.warning("%s: failed (%s)", row.case_id, exc)
             report["failed"].append({"case_id": row.case_id, "path": str(row.path), "error": str(exc)})
-    from CLEARLib.outputs import write_json
+    from CLEARLib.files import write_json
 
     write_json(out_dir / f"extract-report-rank{rank}.json", report)
     return report

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from CLEARLib.errors import CLEARInputError
+from CLEARLib.files import write_npy
 from CLEARLib.models import LinearHead, create_encoder
 
 from .config import OptimConfig, RunConfig, _Strict
@@ -81,7 +83,7 @@ def _background_centres(volume, seed_lps, n: int, rng) -> list[np.ndarray]:
             centres.append(c)
             if len(centres) == n:
                 return centres
-    raise ValueError("the scan is too small for background patches that do not overlap the lesion")
+    raise CLEARInputError("the scan is too small for background patches that do not overlap the lesion")
 
 
 def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> list[Path]:
@@ -108,10 +110,7 @@ def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> 
             rng = np.random.default_rng([seed, int(i)])
             centres = [seed_lps, *_background_centres(volume, seed_lps, data.negatives_per_seed, rng)]
             regions = np.stack([extract_lesion_patch(volume, c, size=size) for c in centres])
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as f:
-                np.save(f, regions.astype(np.float32))
-            os.replace(tmp, target)
+            write_npy(target, regions.astype(np.float32))
     return [p for _, p in sorted(paths)]
 
 
@@ -265,10 +264,10 @@ class LesionFinetuner(LesionPretrainer):
         n = super().prepare_data()
         column = self.config.data.label_column
         if column not in self.seeds:
-            raise ValueError(f"{self.config.data.seeds}: fine-tuning needs a {column!r} column")
+            raise CLEARInputError(f"fine-tuning needs a {column!r} column", self.config.data.seeds)
         self.classes = sorted(self.seeds[column].astype(str).unique())
         if len(self.classes) < 2:
-            raise ValueError(f"{self.config.data.seeds}: fine-tuning needs at least two classes in {column!r}")
+            raise CLEARInputError(f"fine-tuning needs at least two classes in {column!r}", self.config.data.seeds)
         self.targets = self.seeds[column].astype(str).map({c: i for i, c in enumerate(self.classes)}).to_numpy()
         return n
 

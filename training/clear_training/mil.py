@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from sklearn.model_selection import StratifiedGroupKFold
 
+from CLEARLib.errors import CLEARInputError
+from CLEARLib.files import write_atomic, write_csv, write_json
 from CLEARLib.models import ABMIL, ABMILEnsemble, probabilities
-from CLEARLib.outputs import attention_plot_png, write_atomic, write_csv, write_json
+from CLEARLib.outputs import attention_plot_png, figure_png
 
 from .config import _Strict
 from .extract import feature_file, read_features
@@ -138,7 +140,7 @@ class Bags:
             [config.label_column] if config.task == "multiclass" else config.labels
         ):
             if column not in table:
-                raise ValueError(f"{config.table}: no column {column!r}")
+                raise CLEARInputError(f"no column {column!r}", config.table)
         self.task, self.labels = config.task, list(config.labels)
         features, kept, meta = [], [], []
         encoder_sha = None
@@ -156,12 +158,12 @@ class Bags:
             if encoder_sha is None:
                 encoder_sha = sha
             elif sha != encoder_sha:
-                raise ValueError(f"{path}: features of another encoder ({sha}) than the others ({encoder_sha})")
+                raise CLEARInputError(f"features of another encoder ({sha}) than the others ({encoder_sha})", path)
             features.append(torch.from_numpy(data["feats"]))
             meta.append({k: data[k] for k in ("slice_index", "window", "z_mm")})
             kept.append(row)
         if not features:
-            raise ValueError(f"{config.features}: no feature files for the cases of {config.table}")
+            raise CLEARInputError(f"no feature files for the cases of {config.table}", config.features)
         frame = pd.DataFrame(kept, columns=table.columns)
         self.case_ids = frame[config.case_column].astype(str).to_numpy()
         self.patients = frame[config.patient_column].astype(str).to_numpy()
@@ -169,7 +171,7 @@ class Bags:
             classes = {name: i for i, name in enumerate(config.labels)}
             unknown = sorted(set(frame[config.label_column].astype(str)) - set(classes))
             if unknown:
-                raise ValueError(f"{config.table}: classes {unknown} not in labels {config.labels}")
+                raise CLEARInputError(f"classes {unknown} not in labels {config.labels}", config.table)
             self.y = frame[config.label_column].astype(str).map(classes).to_numpy()
         else:
             self.y = frame[config.labels].to_numpy(dtype=np.float32)
@@ -204,10 +206,10 @@ def read_test_patients(path: Path) -> set[str]:
     """The patients marked "test" in a split file (prepare-deeplesion's <store>-splits.csv)."""
     table = pd.read_csv(path, dtype={"patient_id": str})
     if not {"patient_id", "split"} <= set(table.columns):
-        raise ValueError(f"{path}: a split file needs the columns patient_id and split")
+        raise CLEARInputError("a split file needs the columns patient_id and split", path)
     patients = set(table.loc[table.split == "test", "patient_id"])
     if not patients:
-        raise ValueError(f"{path}: no patient is marked 'test'")
+        raise CLEARInputError("no patient is marked 'test'", path)
     return patients
 
 
@@ -216,7 +218,7 @@ def _check_test_not_pretrained(test_patients: set[str], store: Path) -> None:
 
     seen = sorted(test_patients & set(SliceStore(store).index.patient_id))
     if seen:
-        raise ValueError(
+        raise CLEARInputError(
             f"{len(seen)} test patients were in the pretraining store {store} (e.g. {', '.join(seen[:5])}): "
             "the encoder has seen them; use the store's split file as data.test_split"
         )
@@ -253,7 +255,7 @@ def check_cohort_size(bags: Bags, data: MilData) -> None:
         if workable
         else f"{total} patients are too few to cross-validate"
     )
-    raise ValueError(f"{data.table}: {total} patients ({per_class}) are too few for {what}; {advice}")
+    raise CLEARInputError(f"{total} patients ({per_class}) are too few for {what}; {advice}", data.table)
 
 
 def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
@@ -273,7 +275,7 @@ def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
             test_patients = read_test_patients(data.test_split)
             is_test = np.isin(groups, sorted(test_patients))
             if not is_test.any():
-                raise ValueError(
+                raise CLEARInputError(
                     f"none of the {len(test_patients)} test patients of {data.test_split} is in {data.table}; "
                     "patient IDs must be written the same way in both (e.g. 000123)"
                 )
@@ -416,7 +418,7 @@ def _prediction_frame(bags: Bags, index, prob, source: str) -> pd.DataFrame:
 
 def _plot_curves(y, prob, task, labels, out: Path) -> None:
     from matplotlib.figure import Figure
-    from sklearn.metrics import precision_recall_curve, roc_curve
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
     from .metrics import label_matrix
 
@@ -429,10 +431,11 @@ def _plot_curves(y, prob, task, labels, out: Path) -> None:
                 continue
             if kind == "roc":
                 fpr, tpr, _ = roc_curve(truth[:, j], prob[:, j])
-                ax.plot(fpr, tpr, label=label)
+                ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(truth[:, j], prob[:, j]):.3f})")
             else:
                 precision, recall, _ = precision_recall_curve(truth[:, j], prob[:, j])
-                ax.plot(recall, precision, label=label)
+                average = average_precision_score(truth[:, j], prob[:, j])
+                ax.plot(recall, precision, label=f"{label} (AP {average:.3f})")
         if kind == "roc":
             ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
         ax.set_xlabel("false positive rate" if kind == "roc" else "recall")
@@ -440,11 +443,7 @@ def _plot_curves(y, prob, task, labels, out: Path) -> None:
         ax.set_title("ROC" if kind == "roc" else "precision-recall")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        import io
-
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        write_atomic(out / f"{kind}.png", buffer.getvalue())
+        write_atomic(out / f"{kind}.png", figure_png(fig))
 
 
 def run_mil(config: MilConfig, bags: Bags | None = None) -> dict:
@@ -571,7 +570,9 @@ def export_ensemble(ensemble: ABMILEnsemble, bags: Bags, config: MilConfig, metr
 
     encoder_bundle = load_bundle(config.export.encoder_bundle)
     if encoder_bundle.manifest.encoder.weights_sha256 != bags.encoder_sha256:
-        raise ValueError(f"{config.export.encoder_bundle}: its encoder is not the one the features were extracted with")
+        raise CLEARInputError(
+            "its encoder is not the one the features were extracted with", config.export.encoder_bundle
+        )
     windows = [w for w in encoder_bundle.windows if w.name in bags.windows]
     summary = {k: metrics[k] for k in ("ensemble_test", "nested_cv", "across_folds") if k in metrics}
     return save_bundle(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from CLEARLib.errors import CLEARInputError
 from CLEARLib.preprocess import resolve_windows
 
 from .augment import SlicePyramid, ViewConfig, lesion_boxes, make_views, random_resized_boxes
@@ -140,7 +141,7 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, name: 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = state.get("config")
     if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{checkpoint}: not a CLEAR pretraining checkpoint (no config)")
+        raise CLEARInputError("not a CLEAR pretraining checkpoint (no config)", checkpoint)
     model_cfg, data_cfg = config["model"], config["data"]
     return convert_moco(
         checkpoint,

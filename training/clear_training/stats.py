@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -13,13 +12,8 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.statistics import logrank_test
 from matplotlib.figure import Figure
 
-from CLEARLib.outputs import write_atomic
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+from CLEARLib.files import write_atomic
+from CLEARLib.outputs import figure_png
 
 
 def survival_analysis(
@@ -48,7 +42,7 @@ def survival_analysis(
     ax.set_ylabel("survival probability")
     fig.tight_layout()
     out = Path(out_dir)
-    write_atomic(out / f"km_{score}.png", _png(fig))
+    write_atomic(out / f"km_{score}.png", figure_png(fig))
     cox = CoxPHFitter().fit(data, duration_col=time, event_col=event)
     summary = cox.summary
     return {
@@ -94,5 +88,5 @@ def embedding_plot(features: np.ndarray, labels, out_path: str | os.PathLike, me
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    write_atomic(out_path, _png(fig))
+    write_atomic(out_path, figure_png(fig))
     return coords

@@ -16,13 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+
+from CLEARLib.errors import CLEARInputError
+from CLEARLib.files import atomic_path
+from CLEARLib.progress import report
 
 from .distributed import DistInfo, all_reduce_mean, init_distributed
 from .optim import LARS, learning_rate
@@ -51,12 +54,6 @@ def build_optimizer(name: str, params, weight_decay: float, betas=(0.9, 0.95)):
     raise ValueError(f"unknown optimiser {name!r}")
 
 
-def _atomic_torch_save(payload: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 class DistributedTrainer:
     """Subclasses set `self.n_items` and implement build_model, make_batch, compute_loss."""
 
@@ -67,14 +64,14 @@ class DistributedTrainer:
         self.dist = dist or init_distributed(config.run.device)
         self.device = self.dist.device
         if config.optim.batch_size % self.dist.world_size:
-            raise ValueError(
+            raise CLEARInputError(
                 f"optim.batch_size {config.optim.batch_size} does not split over {self.dist.world_size} processes"
             )
         self.local_batch = config.optim.batch_size // self.dist.world_size
         self.n_items = self.prepare_data()
         self.steps_per_epoch = self.n_items // config.optim.batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{self.n_items} training items, fewer than one batch of {config.optim.batch_size}")
+            raise CLEARInputError(f"{self.n_items} training items, fewer than one batch of {config.optim.batch_size}")
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
         model = self.build_model().to(self.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -125,7 +122,8 @@ class DistributedTrainer:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / CHECKPOINT
-        _atomic_torch_save(self.state(), path)
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
         return path
 
     def _resume(self) -> None:
@@ -171,9 +169,17 @@ class DistributedTrainer:
             self.epoch, self.step = self.epoch + 1, 0
         return {"loss": float(all_reduce_mean(loss.detach())), "lr": lr, **extra}
 
-    def fit(self) -> list[dict]:
+    def total_steps(self) -> int:
+        """Steps this run trains to: all epochs, or run.max_steps when that comes first."""
+        total = self.config.run.epochs * self.steps_per_epoch
+        return total if self.config.run.max_steps is None else min(total, self.config.run.max_steps)
+
+    def fit(self, progress=None) -> list[dict]:
+        """Train until the last epoch (or run.max_steps); `progress(fraction, message)` on the main rank."""
         cfg = self.config
         history = []
+        total = self.total_steps()
+        progress = progress if self.dist.is_main else None
         log_file = self.out_dir / "log.jsonl"
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +191,7 @@ class DistributedTrainer:
             views += self.views_per_item * cfg.optim.batch_size
             record.update(epoch=self.epoch, step=self.step, global_step=self.global_step)
             history.append(record)
+            report(progress, self.global_step / total, f"epoch {self.epoch + 1} loss {record['loss']:.4f}")
             end_of_epoch = self.step == 0
             if self.global_step % cfg.run.log_every_steps == 0 or end_of_epoch:
                 elapsed = time.perf_counter() - started

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CLEARInputError
+from ..files import publish_bundle
 from ..models import ABMIL, ABMILEnsemble, LinearHead, create_encoder, encoder_entry
 from ..preprocess.slices import InputSpec, Window, resolve_windows
 from .manifest import (
@@ -107,21 +106,6 @@ def _head_type(head: nn.Module) -> str:
     return {ABMILEnsemble: "abmil_ensemble", ABMIL: "abmil", LinearHead: "linear"}[type(head)]
 
 
-def _atomic_publish(build_into, path: Path) -> Path:
-    """Build the output in a temporary sibling, then rename it into place (a file or a directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        target = tmp / path.name
-        build_into(target)
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def save_bundle(
     path: str | os.PathLike,
     *,
@@ -195,7 +179,7 @@ def save_bundle(
             (target / MANIFEST).write_text(manifest_text)
             (target / manifest.weights.file).write_bytes(weights)
 
-    return _atomic_publish(build, path)
+    return publish_bundle(build, path)
 
 
 def _read_members(path: Path) -> tuple[bytes, Callable[[str], bytes]]:

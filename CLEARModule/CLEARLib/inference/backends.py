@@ -22,8 +22,8 @@ from torch import nn
 
 from ..catalog import cache_root
 from ..errors import CLEARInputError
+from ..files import write_atomic
 from ..models import encoder_entry
-from ..outputs import write_atomic
 from .runtime import autocast, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)

@@ -17,16 +17,9 @@ from ..errors import CLEARInputError
 from ..io import CTVolume, read_ct
 from ..models import probabilities as to_probabilities
 from ..preprocess import SliceInstances
+from ..progress import ProgressCallback, report
 from .backends import SliceEncoderRunner
-from .runtime import (
-    ProgressCallback,
-    StageTimer,
-    check_cancel,
-    default_batch_size,
-    report,
-    resolve_device,
-    run_batches,
-)
+from .runtime import StageTimer, check_cancel, default_batch_size, resolve_device, run_batches
 
 
 @dataclass

@@ -13,7 +13,8 @@ from ..errors import CLEARInputError
 from ..io import CTVolume, read_ct
 from ..models import probabilities as to_probabilities
 from ..preprocess import extract_lesion_patch, seed_to_lps
-from .runtime import ProgressCallback, StageTimer, autocast, default_batch_size, report, resolve_device, run_batches
+from ..progress import ProgressCallback, report
+from .runtime import StageTimer, autocast, default_batch_size, resolve_device, run_batches
 
 # The paper's inter-reader test: seeds drawn with a variance of 16 voxels (1 mm) per axis, i.e. sd 4 mm.
 STABILITY_VARIANCE_VOXELS = 16.0

@@ -1,16 +1,14 @@
-"""Device choice, mixed precision, progress and cooperative cancel: shared by case and lesion inference."""
+"""Device choice, mixed precision, batching and cooperative cancel: shared by case and lesion inference."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 
 import torch
 
-from ..errors import CLEARCancelled
-
-ProgressCallback = Callable[[float, str], None]
+from ..errors import CLEARCancelled, CLEARRunError
+from ..progress import report
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -22,7 +20,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name in ("gpu", "cuda") or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise RuntimeError("a GPU was requested but PyTorch sees no CUDA device")
+            raise CLEARRunError("a GPU was requested but PyTorch sees no CUDA device")
         return torch.device("cuda" if name == "gpu" else name)
     if name == "cpu":
         return torch.device("cpu")
@@ -62,11 +60,6 @@ def check_cancel(cancel) -> None:
     stop = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
     if stop:
         raise CLEARCancelled("cancelled by the user")
-
-
-def report(progress: ProgressCallback | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)
 
 
 class StageTimer:

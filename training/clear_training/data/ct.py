@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from CLEARLib.errors import CLEARInputError
 from CLEARLib.io import read_ct
 
 from .deeplesion import lesion_type_code
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 def read_cohort(path: str | os.PathLike) -> pd.DataFrame:
     cohort = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "path" not in cohort:
-        raise ValueError(f"{path}: a cohort table needs a 'path' column")
+        raise CLEARInputError("a cohort table needs a 'path' column", path)
     base = Path(path).parent
     cohort["path"] = [str(p if Path(p).is_absolute() else base / p) for p in cohort.path]
     names = [Path(p).name.split(".")[0] for p in cohort.path]
@@ -34,9 +35,8 @@ def read_cohort(path: str | os.PathLike) -> pd.DataFrame:
     given = cohort["patient_id"] if "patient_id" in cohort else [""] * len(cohort)
     cohort["patient_id"] = [p or c for p, c in zip(given, cohort.case_id, strict=True)]
     if cohort.case_id.duplicated().any():
-        raise ValueError(
-            f"{path}: case_id values must be unique: {sorted(cohort.case_id[cohort.case_id.duplicated()])}"
-        )
+        duplicated = sorted(cohort.case_id[cohort.case_id.duplicated()])
+        raise CLEARInputError(f"case_id values must be unique: {duplicated}", path)
     return cohort
 
 
@@ -61,7 +61,7 @@ def prepare_ct(
                 lesion_type = lesion_type_code(getattr(row, "lesion_type", None))
             except (TypeError, ValueError) as exc:
                 value = getattr(row, column, None)
-                raise ValueError(f"{key_slices_csv}: row {number}, column {column}: {value!r}: {exc}") from exc
+                raise CLEARInputError(f"row {number}, column {column}: {value!r}: {exc}", key_slices_csv) from exc
             lesions[(row.case_id, index)].append(((row.x1, row.y1, row.x2, row.y2), lesion_type))
     writer = SliceStoreWriter(out, size=size, shard_slices=shard_slices, source=f"CT cohort {cohort_csv}")
     failures, used = [], 0

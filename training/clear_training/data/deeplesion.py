@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from CLEARLib.errors import CLEARInputError
+
 from .store import SliceRecord, SliceStoreWriter
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,11 @@ def read_dl_info(root: str | os.PathLike) -> pd.DataFrame:
     """DL_info.csv as a frame with parsed folder, slice, box, spacing and lesion type columns."""
     path = Path(root) / "DL_info.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: DeepLesion's DL_info.csv not found")
+        raise CLEARInputError("DeepLesion's DL_info.csv not found", path)
     info = pd.read_csv(path)
     missing = {"File_name", "Patient_index", "Bounding_boxes", "Spacing_mm_px_", "Coarse_lesion_type"} - set(info)
     if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        raise CLEARInputError(f"missing columns {sorted(missing)}", path)
     stem = info.File_name.str.rsplit(".", n=1).str[0]
     info["folder"] = stem.str.rsplit("_", n=1).str[0]
     info["slice"] = stem.str.rsplit("_", n=1).str[1].astype(int)
@@ -92,7 +94,7 @@ def read_png_hu(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         values = np.asarray(image)
     if values.dtype != np.uint16 and image.mode not in ("I;16", "I"):
-        raise ValueError(f"{path}: expected a 16-bit PNG, got mode {image.mode}")
+        raise CLEARInputError(f"expected a 16-bit PNG, got mode {image.mode}", path)
     return (values.astype(np.int32) - HU_OFFSET).astype(np.int16)
 
 
@@ -114,7 +116,7 @@ def prepare_deeplesion(
     images = root / "Images_png"
     folders = sorted(p for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
     if not folders:
-        raise FileNotFoundError(f"{images}: no image folders")
+        raise CLEARInputError("no image folders", images)
     patients = sorted({f.name.split("_")[0] for f in folders} | set(info.patient_id))
     if splits_file:
         splits = pd.read_csv(splits_file, dtype={"patient_id": str})

@@ -26,22 +26,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from CLEARLib.errors import CLEARInputError
+from CLEARLib.files import write_csv, write_json, write_npy
+
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def resize_slices(hu: np.ndarray, size: int) -> np.ndarray:
@@ -108,7 +98,7 @@ class SliceStoreWriter:
         if not self._buffer:
             return
         name = f"shard-{len(self._shards):05d}.npy"
-        _atomic_save_npy(self.path / name, np.stack(self._buffer))
+        write_npy(self.path / name, np.stack(self._buffer))
         self._shards.append(name)
         self._buffer, self._buffered = [], 0
 
@@ -116,8 +106,8 @@ class SliceStoreWriter:
         self._flush()
         index = pd.DataFrame(self._rows)
         if index.empty:
-            raise ValueError(f"{self.path}: no slices were added to the store")
-        _atomic_text(self.path / "index.csv", index.to_csv(index=False))
+            raise CLEARInputError("no slices were added to the store", self.path)
+        write_csv(self.path / "index.csv", index)
         meta = {
             "version": STORE_VERSION,
             "size": self.size,
@@ -128,7 +118,7 @@ class SliceStoreWriter:
             "shards": self._shards,
             "source": self.source,
         }
-        _atomic_text(self.path / "store.json", json.dumps(meta, indent=2))
+        write_json(self.path / "store.json", meta)
         log.info(
             "%s: %d slices (%d key slices) in %d shards", self.path, len(index), meta["n_key_slices"], len(self._shards)
         )
@@ -142,10 +132,12 @@ class SliceStore:
         self.path = Path(path)
         meta_path = self.path / "store.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"{self.path}: not a complete slice store (no store.json); run the prepare step")
+            raise CLEARInputError("not a complete slice store (no store.json); run the prepare step", self.path)
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("version") != STORE_VERSION:
-            raise ValueError(f"{self.path}: slice store version {self.meta.get('version')}, expected {STORE_VERSION}")
+            raise CLEARInputError(
+                f"slice store version {self.meta.get('version')}, expected {STORE_VERSION}", self.path
+            )
         self.size = int(self.meta["size"])
         self.index = pd.read_csv(
             self.path / "index.csv", keep_default_na=False, dtype={"case_id": str, "patient_id": str}

@@ -1,0 +1,107 @@
+"""The one policy for writing files: build under a temporary name in the same folder, then rename into place.
+
+A reader never sees half a file, a crash leaves the previous version (or nothing) under the final name, and
+new files get the permissions open() would give them under the user's umask (mkstemp's are always 0600, which
+colleagues on a shared server cannot read).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import CLEARInputError
+
+
+def default_file_mode() -> int:
+    """The mode open() would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` for writers that want a file name (h5py, torch.save); renamed to
+    `path` with normal permissions when the block ends, removed if it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_json(path, payload: dict) -> Path:
+    return write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_csv(path, frame) -> Path:
+    return write_atomic(path, frame.to_csv(index=False))
+
+
+def write_npy(path, array) -> Path:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return write_atomic(path, buffer.getvalue())
+
+
+def _is_bundle(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "manifest.json").is_file()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "manifest.json" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def publish_bundle(build_into: Callable[[Path], None], path: str | os.PathLike) -> Path:
+    """Build a bundle (a folder or a .zip) in a temporary sibling, then move it into place.
+
+    An existing bundle at `path` is replaced only once the new one is complete; anything else at `path`
+    (a run folder, a checkpoint) is refused, never deleted.
+    """
+    path = Path(path)
+    if path.exists() and not _is_bundle(path):
+        what = "a folder" if path.is_dir() else "a file"
+        raise CLEARInputError(f"{what} that is not a CLEAR bundle is already here; give a new bundle path", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        built = work / path.name
+        build_into(built)
+        if built.is_file():
+            os.chmod(built, default_file_mode())
+        if path.exists():
+            old = work / "previous"
+            os.replace(path, old)  # a folder cannot be renamed over a folder; the old one goes only after
+            try:
+                os.replace(built, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+        else:
+            os.replace(built, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
