@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
@@ -21,6 +20,7 @@ from .errors import CLEARCancelled
 from .inference import CasePredictor
 from .inference.runtime import check_cancel
 from .io import read_ct
+from .io.cohort import case_names, unique_names
 from .progress import report
 
 
@@ -36,8 +36,12 @@ def _is_volume_node(item) -> bool:
     return hasattr(item, "GetImageData") and hasattr(item, "GetIJKToRASMatrix")
 
 
-def _case_name(item) -> str:
-    return item.GetName() if _is_volume_node(item) else Path(item).name.split(".")[0]
+def _case_names(inputs) -> list[str]:
+    """Node names for volume nodes; for paths, the path relative to the folder they share (CLEARLib.io.cohort):
+    P001/ct.nii.gz and P002/ct.nii.gz are "P001/ct" and "P002/ct", never "ct" twice."""
+    paths = [item for item in inputs if not _is_volume_node(item)]
+    path_names = iter(case_names(paths))
+    return unique_names([item.GetName() if _is_volume_node(item) else next(path_names) for item in inputs])
 
 
 def run_batch(
@@ -54,9 +58,8 @@ def run_batch(
     labels = predictor.labels
     rows, attention = [], []
     inputs = list(inputs)
-    for i, item in enumerate(inputs):
+    for i, (item, name) in enumerate(zip(inputs, _case_names(inputs), strict=True)):
         check_cancel(cancel)
-        name = _case_name(item)
         report(progress, i / max(len(inputs), 1), f"case {i + 1}/{len(inputs)}: {name}")
         row = {"case": name, "source": item.GetID() if _is_volume_node(item) else str(item)}
         try:

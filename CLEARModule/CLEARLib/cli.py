@@ -113,7 +113,7 @@ def _input_record(volume) -> dict:
 def cmd_predict(args) -> int:
     import pandas as pd
 
-    from .files import write_atomic, write_csv, write_json
+    from .files import staged_outputs, write_atomic, write_csv, write_json
     from .inference import CasePredictor
     from .outputs import attention_plot_png, top_slices_png
 
@@ -127,19 +127,16 @@ def cmd_predict(args) -> int:
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
     if args.out:
-        out = Path(args.out)
-        write_json(out / "predictions.json", summary)
-        write_csv(
-            out / "predictions.csv",
-            pd.DataFrame({"label": result.labels, "probability": result.probabilities.values()}),
-        )
-        write_csv(out / "attention.csv", result.attention)
-        write_atomic(
-            out / "attention.png", attention_plot_png(result.attention, title=f"{Path(args.path).name}: attention")
-        )
-        write_atomic(out / "top_slices.png", top_slices_png(volume, result.attention, predictor.bundle.windows))
+        with staged_outputs(args.out) as out:  # the set appears whole, or not at all
+            write_json(out / "predictions.json", summary)
+            probabilities = pd.DataFrame({"label": result.labels, "probability": result.probabilities.values()})
+            write_csv(out / "predictions.csv", probabilities)
+            write_csv(out / "attention.csv", result.attention)
+            title = f"{Path(args.path).name}: attention"
+            write_atomic(out / "attention.png", attention_plot_png(result.attention, title=title))
+            write_atomic(out / "top_slices.png", top_slices_png(volume, result.attention, predictor.bundle.windows))
         written = "predictions.json, predictions.csv, attention.csv, attention.png, top_slices.png"
-        print(f"wrote {written} to {out}", file=sys.stderr)
+        print(f"wrote {written} to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -156,7 +153,7 @@ def _feature_rows(predictor, seeds, features):
 def cmd_lesion(args) -> int:
     import pandas as pd
 
-    from .files import write_csv, write_json, write_npy
+    from .files import staged_outputs, write_csv, write_json, write_npy
     from .inference import LesionPredictor
 
     if (args.seed is None) == (args.seeds is None):
@@ -181,13 +178,13 @@ def cmd_lesion(args) -> int:
     if out:
         seed = pd.DataFrame([{"image_path": str(args.path), "coordX": result.seed_lps[0], "coordY": result.seed_lps[1],
                               "coordZ": result.seed_lps[2]}])  # fmt: skip
-        write_csv(out / "features.csv", _feature_rows(predictor, seed, result.features[None]))
-        write_npy(out / "features.npy", result.features[None])
-        written = ["lesion.json", "features.csv", "features.npy"]
-        if result.stability is not None:
-            write_npy(out / "feature_cv.npy", result.stability["feature_cv"])
-            written.append("feature_cv.npy")
-        write_json(out / "lesion.json", summary)
+        with staged_outputs(out) as stage:
+            write_csv(stage / "features.csv", _feature_rows(predictor, seed, result.features[None]))
+            write_npy(stage / "features.npy", result.features[None])
+            if result.stability is not None:
+                write_npy(stage / "feature_cv.npy", result.stability["feature_cv"])
+            write_json(stage / "lesion.json", summary)
+            written = sorted(p.name for p in stage.iterdir())
         print(f"wrote {', '.join(written)} to {out}", file=sys.stderr)
     return 0
 
@@ -197,7 +194,7 @@ def _lesion_table(args, predictor, out: Path | None) -> int:
     import numpy as np
     import pandas as pd
 
-    from .files import write_csv, write_json, write_npy
+    from .files import staged_outputs, write_csv, write_json, write_npy
     from .io import read_seed_table
 
     seeds = read_seed_table(args.seeds)
@@ -212,16 +209,16 @@ def _lesion_table(args, predictor, out: Path | None) -> int:
             except CLEARInputError as exc:  # report the rows and carry on with the other images
                 failed += [{"row": int(i) + 1, "image_path": image, "error": str(exc)} for i in rows.index]
             bar(done / images.ngroups, Path(image).name)
-    summary = {"seeds": str(args.seeds), "bundle": predictor.bundle.manifest.name, "scored": 0, "failed": failed}
-    if blocks:
-        table = pd.concat([_feature_rows(predictor, rows, feats) for rows, feats in blocks]).sort_index()
-        summary["scored"] = len(table)
-        if out:
-            write_csv(out / "features.csv", table)
-            write_npy(out / "features.npy", table.filter(regex=r"^f\d+$").to_numpy(np.float32))
+    summary = {"seeds": str(args.seeds), "bundle": predictor.bundle.manifest.name, "failed": failed}
+    summary["scored"] = sum(len(rows) for rows, _ in blocks)
     print(json.dumps(summary, indent=2))
     if out:
-        write_json(out / "lesion.json", summary)
+        with staged_outputs(out) as stage:
+            if blocks:
+                table = pd.concat([_feature_rows(predictor, rows, feats) for rows, feats in blocks]).sort_index()
+                write_csv(stage / "features.csv", table)
+                write_npy(stage / "features.npy", table.filter(regex=r"^f\d+$").to_numpy(np.float32))
+            write_json(stage / "lesion.json", summary)
     if not blocks:
         raise CLEARInputError(f"no seed could be scored ({failed[0]['error']})", args.seeds)
     return 0

@@ -65,6 +65,39 @@ def write_npy(path, array) -> Path:
     return write_atomic(path, buffer.getvalue())
 
 
+def _replace(source: Path, target: Path, aside: Path) -> None:
+    """Rename `source` to `target`; an existing `target` (even a folder) is moved to `aside` first."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    os.replace(target, aside)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+
+
+@contextmanager
+def staged_outputs(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `out` in which a command writes the set of files it makes; they move into
+    `out` only when the block succeeds, so a failed run leaves nothing new under the final names (files of
+    the same names from an earlier run stay as they were)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        previous = stage / ".previous"
+        previous.mkdir()
+        for entry in sorted(stage.iterdir()):
+            if entry != previous:
+                _replace(entry, out / entry.name, previous / entry.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _is_bundle(path: Path) -> bool:
     if path.is_dir():
         return (path / "manifest.json").is_file()
@@ -92,16 +125,7 @@ def publish_bundle(build_into: Callable[[Path], None], path: str | os.PathLike) 
         build_into(built)
         if built.is_file():
             os.chmod(built, default_file_mode())
-        if path.exists():
-            old = work / "previous"
-            os.replace(path, old)  # a folder cannot be renamed over a folder; the old one goes only after
-            try:
-                os.replace(built, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-        else:
-            os.replace(built, path)
+        _replace(built, path, work / "previous")  # a folder cannot be renamed over a folder
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path

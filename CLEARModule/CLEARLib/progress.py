@@ -63,10 +63,9 @@ class ProgressBar:
         if self.baseline is None:
             self.baseline = fraction if fraction < 1.0 else 0.0
             if self.bar is not None:  # the rate counts only what this run does
-                self.bar.initial = self.bar.n = fraction * (self.total or 100)
+                self.bar.initial = self.bar.n = self._count(self.baseline)
         if self.bar is not None:
-            target = fraction * (self.total or 100)
-            self.bar.update(target - self.bar.n)
+            self.bar.update(self._count(fraction) - self.bar.n)
             self.bar.set_postfix_str(message, refresh=True)
         else:
             now = time.monotonic()
@@ -75,6 +74,10 @@ class ProgressBar:
                 print(self._line(fraction, message, now - self.started), file=self.stream, flush=True)
         if fraction >= 1.0:
             self.close()
+
+    def _count(self, fraction: float):
+        """Items done (whole items when counting them), or percent."""
+        return round(fraction * self.total) if self.total else 100 * fraction
 
     def _line(self, fraction: float, message: str, elapsed: float) -> str:
         done = f"{round(fraction * self.total)}/{self.total} {self.unit}" if self.total else f"{100 * fraction:.0f}%"

@@ -409,3 +409,41 @@ def test_dicom_reader_agrees_with_gdcm_series_reader(tmp_path, phantom, perm, fl
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
     gdcm = CTVolume.from_sitk(reader.Execute())
     assert_same_volume(read_ct(tmp_path / "s"), gdcm)
+
+
+def test_case_names_are_unique_and_meaningful(tmp_path):
+    from CLEARLib.io.cohort import case_names
+
+    assert case_names([tmp_path / "LUNG1-001/image.nrrd", tmp_path / "CRLM-CT-1004/image.nii.gz"]) == [
+        "LUNG1-001/image",
+        "CRLM-CT-1004/image",
+    ]
+    assert case_names([tmp_path / "P001/ct.nii.gz", tmp_path / "P002/ct.nii.gz", tmp_path / "P001/ct.nii.gz"]) == [
+        "P001/ct",
+        "P002/ct",
+        "P001/ct#2",
+    ]
+    assert case_names([tmp_path / "dicom" / "1.2.840.1", tmp_path / "dicom" / "1.2.840.2"]) == [
+        "1.2.840.1",
+        "1.2.840.2",
+    ]
+    assert case_names([tmp_path / "only" / "case.mha"]) == ["case"]
+
+
+def test_cohort_table_fills_ids_and_refuses_what_it_cannot_use(tmp_path):
+    from CLEARLib.io.cohort import file_stem_for, read_cohort
+
+    (tmp_path / "c.csv").write_text("path,patient_id\nLUNG1-001/image.nrrd,\nCRLM-CT-1004/image.nrrd,P9\n")
+    cohort = read_cohort(tmp_path / "c.csv")
+    assert list(cohort.case_id) == ["LUNG1-001/image", "CRLM-CT-1004/image"]
+    assert list(cohort.patient_id) == ["LUNG1-001/image", "P9"]
+    assert cohort.path[0] == str(tmp_path / "LUNG1-001/image.nrrd")
+    (tmp_path / "dup.csv").write_text("path,case_id\na.nrrd,x\nb.nrrd,x\n")
+    with pytest.raises(CLEARInputError, match=r"dup.csv: case_id values must be unique: \['x'\]"):
+        read_cohort(tmp_path / "dup.csv")
+    (tmp_path / "nopath.csv").write_text("file\na.nrrd\n")
+    with pytest.raises(CLEARInputError, match="nopath.csv: a cohort table needs a 'path' column"):
+        read_cohort(tmp_path / "nopath.csv")
+    # IDs that differ only in characters a file name cannot hold get different feature files.
+    stems = {file_stem_for(c) for c in ("LUNG1/001", "LUNG1_001", "case 1", "case_1")}
+    assert len(stems) == 4 and file_stem_for("LUNG1_001") == "LUNG1_001"

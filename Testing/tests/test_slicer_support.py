@@ -47,8 +47,12 @@ def test_batch_over_paths_and_nodes_with_a_failing_case(tmp_path, tiny_case_bund
 
 def test_batch_without_a_scene(tmp_path, tiny_case_bundle):
     volume, _ = make_phantom((10, 32, 32), (6.0, 6.0, 10.0), seed=3)
-    batch = run_batch([write_volume(volume, tmp_path / "a.nii.gz")], tiny_case_bundle, device="cpu")
-    assert batch.predictions_node is None and list(batch.predictions.status) == ["ok"]
+    paths = [write_volume(volume, tmp_path / patient / "ct.nii.gz") for patient in ("P001", "P002")]
+    batch = run_batch(paths, tiny_case_bundle, device="cpu")
+    assert batch.predictions_node is None and list(batch.predictions.status) == ["ok", "ok"]
+    # cases are named by what tells them apart, never "ct" twice; the attention table keeps them apart
+    assert list(batch.predictions.case) == ["P001/ct", "P002/ct"]
+    assert batch.attention.groupby("case").size().to_dict() == {"P001/ct": 20, "P002/ct": 20}
 
 
 def test_catalog_download_is_verified_and_cached(tmp_path, tiny_case_bundle):

@@ -129,6 +129,10 @@ def test_abmil_cross_validation_learns_and_attends_to_lesion_slices(tmp_path):
         assert (tmp_path / "mil" / name).exists()
     assert len(list((tmp_path / "mil" / "attention_plots").glob("*.png"))) == 4
     assert len(metrics["folds"]) == 3 and all(f["epochs_run"] >= 1 for f in metrics["folds"])
+    protocol = json.loads((tmp_path / "mil" / "metrics.json").read_text())["protocol"]
+    assert protocol["n_patients"] == splits.patient_id.nunique() and protocol["grouped_by"] == "patient_id"
+    assert protocol["split_sizes"] == splits.split.value_counts().to_dict()
+    assert protocol["train"]["epochs"] == 200 and "3 validation folds" in protocol["design"]
 
 
 def test_nested_cross_validation_for_small_cohorts(tmp_path):
@@ -295,6 +299,27 @@ def test_authors_abmil_head_and_class_balanced_loss(tmp_path):
         [torch.zeros(2, 4)] * 4, np.array([0, 0, 0, 1]), list("pqrs"), list("wxyz"), "multiclass", ["lo", "hi"]
     )
     torch.testing.assert_close(class_balance_weights(classes, np.arange(4), "cpu"), torch.tensor([4 / 6, 4 / 2]))
+
+
+def test_a_stopped_run_leaves_nothing_new_and_keeps_the_previous_outputs(tmp_path):
+    _synthetic_cohort(tmp_path, n_cases=40, seed=2)
+    config = _mil_config(tmp_path, folds=3)
+    out = tmp_path / "mil"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"from": "the previous run"}')
+    seen = []
+
+    def stop_in_the_second_fold(fraction, message):
+        seen.append(message)
+        if message.startswith("fold1"):
+            raise KeyboardInterrupt  # Ctrl-C
+
+    with pytest.raises(KeyboardInterrupt):
+        run_mil(config, progress=stop_in_the_second_fold)
+    assert any(m.startswith("fold0: epoch") for m in seen)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".mil")]  # no staging folder left
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]
+    assert json.loads((out / "metrics.json").read_text()) == {"from": "the previous run"}
 
 
 def test_cohort_size_is_checked_before_anything_runs_or_is_written(tmp_path):

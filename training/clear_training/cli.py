@@ -116,7 +116,8 @@ def cmd_mil(args) -> int:
     if args.check:
         print(config.model_dump_json(indent=2))
         return 0
-    metrics = run_mil(config)
+    with ProgressBar("mil", quiet=args.quiet) as bar:
+        metrics = run_mil(config, progress=bar)
     summary = {k: metrics[k] for k in ("ensemble_test", "nested_cv", "across_folds", "bundle") if k in metrics}
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -189,7 +190,7 @@ def cmd_demo(args) -> int:
 
     from .demo import SMALL, DemoSize, run_demo
 
-    summary = run_demo(args.out, SMALL if args.small else DemoSize())
+    summary = run_demo(args.out, SMALL if args.small else DemoSize(), quiet=args.quiet)
     print(f"\nreport: {Path(summary['report']).resolve()}")
     print(f"bundles: {summary['case_bundle']}, {summary['lesion_bundle']}, {summary['encoder_bundle']}")
     return 0

@@ -23,6 +23,7 @@ from CLEARLib.io import write_volume
 from CLEARLib.outputs import attention_plot_png, top_slices_png
 from CLEARLib.phantom import Lesion, make_phantom
 from CLEARLib.preprocess import resolve_windows
+from CLEARLib.progress import ProgressBar
 
 LABELS = ["liver", "lung"]
 
@@ -73,7 +74,7 @@ def _yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print) -> dict:
+def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: bool = False) -> dict:
     import torch
 
     from CLEARLib.inference import CasePredictor, LesionPredictor
@@ -165,14 +166,16 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print) -> dict:
         },
     )
     trainer = Trainer(load_config(pretrain_cfg))
-    history = trainer.fit()
+    with ProgressBar("pretrain", total=trainer.total_steps(), unit="step", quiet=quiet) as bar:
+        history = trainer.fit(progress=bar)
     encoder_bundle = export_encoder(out / "pretrain" / "last.pt", out / "bundles" / "demo-encoder.zip")
     timings["pretrain"] = time.perf_counter() - t
 
     # 3. Features of every case.
     log("[3/6] feature extraction")
     t = time.perf_counter()
-    extract(encoder_bundle, data / "cohort.csv", out / "features", device="cpu", rank=0, world_size=1)
+    with ProgressBar("extract", quiet=quiet) as bar:
+        extract(encoder_bundle, data / "cohort.csv", out / "features", device="cpu", rank=0, world_size=1, progress=bar)
     timings["extract"] = time.perf_counter() - t
 
     # 4. ABMIL cross-validation and the fold ensemble as a case bundle.
@@ -202,7 +205,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print) -> dict:
             "export": {"encoder_bundle": str(encoder_bundle), "name": "demo-lesion-location"},
         },
     )
-    metrics = run_mil(load_config(mil_cfg, model=MilConfig))
+    with ProgressBar("mil", quiet=quiet) as bar:
+        metrics = run_mil(load_config(mil_cfg, model=MilConfig), progress=bar)
     case_bundle = Path(metrics["bundle"])
     (out / "bundles").mkdir(exist_ok=True)
     case_bundle = case_bundle.replace(out / "bundles" / case_bundle.name)
@@ -244,7 +248,9 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print) -> dict:
             "optim": {"name": "adamw", "lr": 0.5, "batch_size": 8, "weight_decay": 0.0},
         },
     )
-    LesionFinetuner(load_config(lesion_cfg, model=LesionPretrainConfig)).fit()
+    finetuner = LesionFinetuner(load_config(lesion_cfg, model=LesionPretrainConfig))
+    with ProgressBar("lesion-finetune", total=finetuner.total_steps(), unit="step", quiet=quiet) as bar:
+        finetuner.fit(progress=bar)
     lesion_bundle = export_lesion_bundle(out / "lesion" / "last.pt", out / "bundles" / "demo-lesion.zip")
     lesion_result = None
     if lesions:

@@ -5,7 +5,8 @@ encoder and its weights (sha256), the windows and the package version. Files are
 temporary name and renamed; cases already done (with the same encoder weights) are skipped; a case
 that fails is reported and the run goes on. Under torchrun every rank takes every world_size-th case.
 
-Cohort CSV: `case_id`, `path`, optional `format` (image | dicom | deeplesion | radchest; default:
+Cohort CSV (CLEARLib.io.cohort): `path`, optional `case_id` (default: the path relative to the folder all
+paths share), `format` (image | dicom | deeplesion | radchest; default:
 from the path) and `spacing_x, spacing_y, spacing_z` (for formats without geometry).
 """
 
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 
 from CLEARLib import __version__ as clear_version
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.files import atomic_path
 from CLEARLib.io import CTVolume, read_ct
+from CLEARLib.io.cohort import file_stem_for, read_cohort
 from CLEARLib.progress import report as report_progress
 from CLEARLib.progress import scaled
 
@@ -66,7 +67,7 @@ def _format_of(row) -> str:
 def read_case(row) -> CTVolume:
     fmt = _format_of(row)
     spacing = [getattr(row, f"spacing_{a}", None) for a in "xyz"]
-    spacing = None if any(s is None or pd.isna(s) for s in spacing) else tuple(float(s) for s in spacing)
+    spacing = None if any(s is None or str(s).strip() == "" for s in spacing) else tuple(float(s) for s in spacing)
     if fmt in ("image", "dicom", "nifti", "nrrd"):
         return read_ct(row.path)
     if fmt == "deeplesion":
@@ -78,22 +79,8 @@ def read_case(row) -> CTVolume:
     raise CLEARInputError(f"unknown cohort format {fmt!r}", row.path)
 
 
-def read_cohort_table(path: str | os.PathLike) -> pd.DataFrame:
-    cohort = pd.read_csv(path, dtype={"case_id": str}, keep_default_na=True)
-    missing = {"case_id", "path"} - set(cohort.columns)
-    if missing:
-        raise CLEARInputError(f"cohort table needs columns {sorted(missing)}", path)
-    if cohort.case_id.duplicated().any():
-        duplicated = sorted(set(cohort.case_id[cohort.case_id.duplicated()]))
-        raise CLEARInputError(f"duplicated case_id values {duplicated}", path)
-    base = Path(path).parent
-    cohort["path"] = [str(p if Path(p).is_absolute() else base / p) for p in cohort.path]
-    return cohort
-
-
 def feature_file(out_dir: Path, case_id: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id)
-    return Path(out_dir) / f"{safe}.h5"
+    return Path(out_dir) / f"{file_stem_for(case_id)}.h5"
 
 
 def is_done(path: Path, encoder_sha256: str) -> bool:
@@ -154,7 +141,7 @@ def extract(
         rank, world_size, device = info.rank, info.world_size, info.device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cohort = read_cohort_table(cohort_csv)
+    cohort = read_cohort(cohort_csv)
     predictor = CasePredictor(bundle, device=device, batch_size=batch_size, backend=backend, precision=precision)
     manifest = predictor.bundle.manifest
     sha = manifest.encoder.weights_sha256

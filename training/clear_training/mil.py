@@ -20,9 +20,10 @@ from pydantic import Field, model_validator
 from sklearn.model_selection import StratifiedGroupKFold
 
 from CLEARLib.errors import CLEARInputError
-from CLEARLib.files import write_atomic, write_csv, write_json
+from CLEARLib.files import staged_outputs, write_atomic, write_csv, write_json
 from CLEARLib.models import ABMIL, ABMILEnsemble, probabilities
 from CLEARLib.outputs import attention_plot_png, figure_png
+from CLEARLib.progress import report, scaled
 
 from .config import _Strict
 from .extract import feature_file, read_features
@@ -350,7 +351,9 @@ def length_bucketed_batches(bags: Bags, index: np.ndarray, batch_size: int, rng)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, device) -> tuple[ABMIL, dict]:
+def train_fold(
+    bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, device, progress=None
+) -> tuple[ABMIL, dict]:
     """A fresh ABMIL trained on train_idx with early stopping on val_idx's loss; the best state is kept."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -377,6 +380,7 @@ def train_fold(bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, dev
         _, _, val_loss = _predict(model, bags, val_idx, device, config.train.batch_size, weights)
         history.append({"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val_loss})
         log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, history[-1]["train_loss"], val_loss)
+        report(progress, (epoch + 1) / config.train.epochs, f"epoch {epoch + 1} validation loss {val_loss:.4f}")
         if val_loss < best - 1e-6:
             best, best_state, since = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
@@ -446,14 +450,65 @@ def _plot_curves(y, prob, task, labels, out: Path) -> None:
         write_atomic(out / f"{kind}.png", figure_png(fig))
 
 
-def run_mil(config: MilConfig, bags: Bags | None = None) -> dict:
-    """The whole study: splits, folds, evaluation, outputs and export (bags: preloaded, optional)."""
+def run_mil(config: MilConfig, bags: Bags | None = None, progress=None) -> dict:
+    """The whole study: splits, folds, evaluation, outputs and export (bags: preloaded, optional).
+
+    Outputs appear in run.out_dir only when the run succeeds (a failed run leaves nothing new there)."""
     started = time.perf_counter()
-    out = Path(config.run.out_dir)
     device = _resolve_device(config.run.device)
     bags = bags if bags is not None else Bags(config.data)
-    check_cohort_size(bags, config.data)  # before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    check_cohort_size(bags, config.data)  # before anything is computed or written
+    encoder_bundle = _export_encoder(config, bags)
+    with staged_outputs(config.run.out_dir) as stage:
+        metrics = _run_mil(config, bags, device, stage, encoder_bundle, progress)
+        metrics["seconds"] = time.perf_counter() - started
+        write_json(stage / "metrics.json", _jsonable(metrics))
+    if encoder_bundle is not None:
+        metrics["bundle"] = str(Path(config.run.out_dir) / _bundle_name(config))
+    return metrics
+
+
+def _export_encoder(config: MilConfig, bags: Bags):
+    """The encoder bundle to export with, checked before training: it must be the features' encoder."""
+    if not config.export.encoder_bundle:
+        return None
+    from CLEARLib.bundle import load_bundle
+
+    bundle = load_bundle(config.export.encoder_bundle)
+    if bundle.manifest.encoder.weights_sha256 != bags.encoder_sha256:
+        raise CLEARInputError(
+            "its encoder is not the one the features were extracted with", config.export.encoder_bundle
+        )
+    return bundle
+
+
+def _bundle_name(config: MilConfig) -> str:
+    return f"{config.export.name or config.run.name}.zip"
+
+
+def _protocol(bags: Bags, splits: pd.DataFrame, config: MilConfig) -> dict:
+    """How the study was made: cases, patients and classes, the splits and the training settings."""
+    strata = pd.Series(bags.strata()).groupby(bags.patients).first()
+    names = {-1: "no label", **dict(enumerate(bags.labels))}
+    data = config.data
+    return {
+        "n_cases": len(bags),
+        "n_patients": len(strata),
+        "patients_per_stratum": {names.get(int(k), str(k)): int(v) for k, v in strata.value_counts().items()},
+        "split_sizes": {str(k): int(v) for k, v in splits.split.value_counts().sort_index().items()},
+        "design": f"nested cross-validation, {data.folds} outer folds"
+        if data.nested
+        else ("fixed test split " + str(data.test_split))
+        if data.test_split is not None
+        else f"test fraction {data.test_fraction} then {data.folds} validation folds, ensemble of the fold models",
+        "grouped_by": data.patient_column,
+        "model": config.model.model_dump(),
+        "train": config.train.model_dump(),
+        "seed": config.run.seed,
+    }
+
+
+def _run_mil(config: MilConfig, bags: Bags, device, out: Path, encoder_bundle, progress) -> dict:
     splits = make_splits(bags, config.data, config.run.seed)
     write_csv(out / "splits.csv", splits)
     labels, task = bags.labels, bags.task
@@ -472,7 +527,8 @@ def run_mil(config: MilConfig, bags: Bags | None = None) -> dict:
             val_idx = held
             train_idx = np.flatnonzero((splits.split != name) & (splits.split != "test"))
             test_idx = np.flatnonzero(splits.split == "test")
-        model, report = train_fold(bags, train_idx, val_idx, config, config.run.seed + 100 * k, device)
+        fold_progress = scaled(progress, k / len(fold_names), (k + 1) / len(fold_names), f"{name}: ")
+        model, report = train_fold(bags, train_idx, val_idx, config, config.run.seed + 100 * k, device, fold_progress)
         val_prob, _, _ = _predict(model, bags, val_idx, device, config.train.batch_size)
         report["validation"] = per_label_metrics(_targets(bags, val_idx), val_prob, task, labels)
         predictions.append(_prediction_frame(bags, val_idx, val_prob, f"{name}-validation"))
@@ -495,7 +551,8 @@ def run_mil(config: MilConfig, bags: Bags | None = None) -> dict:
             prob, att, _ = _predict(ensemble, bags, test_idx, device, config.train.batch_size)
             evaluation_index, evaluation_prob, evaluation_attention = [test_idx], [prob], att
             predictions.append(_prediction_frame(bags, test_idx, prob, "ensemble-test"))
-    metrics = {"task": task, "labels": labels, "n_cases": len(bags), "folds": fold_reports}
+    metrics = {"task": task, "labels": labels, "n_cases": len(bags), "protocol": _protocol(bags, splits, config)}
+    metrics["folds"] = fold_reports
     if evaluation_index:
         index, prob = np.concatenate(evaluation_index), np.concatenate(evaluation_prob)
         y = _targets(bags, index)
@@ -507,10 +564,8 @@ def run_mil(config: MilConfig, bags: Bags | None = None) -> dict:
         _write_attention(bags, index, prob, evaluation_attention, config, out)
     metrics["across_folds"] = _across_folds(fold_reports, labels, "test")
     write_csv(out / "predictions.csv", pd.concat(predictions, ignore_index=True))
-    metrics["seconds"] = time.perf_counter() - started
-    write_json(out / "metrics.json", _jsonable(metrics))
-    if config.export.encoder_bundle:
-        metrics["bundle"] = str(export_ensemble(ensemble.cpu(), bags, config, metrics))
+    if encoder_bundle is not None:
+        export_ensemble(ensemble.cpu(), bags, config, metrics, encoder_bundle, out / _bundle_name(config))
     return metrics
 
 
@@ -564,19 +619,14 @@ def _jsonable(value):
     return value
 
 
-def export_ensemble(ensemble: ABMILEnsemble, bags: Bags, config: MilConfig, metrics: dict) -> Path:
+def export_ensemble(ensemble: ABMILEnsemble, bags: Bags, config: MilConfig, metrics: dict, encoder_bundle, path):
     """The fold ensemble on top of the encoder the features came from, as a case bundle."""
-    from CLEARLib.bundle import load_bundle, save_bundle
+    from CLEARLib.bundle import save_bundle
 
-    encoder_bundle = load_bundle(config.export.encoder_bundle)
-    if encoder_bundle.manifest.encoder.weights_sha256 != bags.encoder_sha256:
-        raise CLEARInputError(
-            "its encoder is not the one the features were extracted with", config.export.encoder_bundle
-        )
     windows = [w for w in encoder_bundle.windows if w.name in bags.windows]
     summary = {k: metrics[k] for k in ("ensemble_test", "nested_cv", "across_folds") if k in metrics}
     return save_bundle(
-        Path(config.run.out_dir) / f"{config.export.name or config.run.name}.zip",
+        path,
         name=config.export.name or config.run.name,
         version=config.export.version,
         kind="case",

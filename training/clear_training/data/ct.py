@@ -1,8 +1,9 @@
 """Generic CT (DICOM folders, NIfTI, NRRD) into the slice store, through the engine's reader.
 
-Cohort CSV: `path` (required), `case_id` and `patient_id` (optional; default: the file or folder
-name). Optional key-slice table in DeepLesion style, as the Slicer module exports it: `case_id`,
-`key_slice_index`, `x1`, `y1`, `x2`, `y2` (pixels of the canonical axial slice), `lesion_type`.
+Cohort CSV (CLEARLib.io.cohort): `path` (required), `case_id` and `patient_id` (optional; default: the
+path relative to the folder all paths share). Optional key-slice table in DeepLesion style, as the Slicer
+module exports it: `case_id`, `key_slice_index`, `x1`, `y1`, `x2`, `y2` (pixels of the canonical axial
+slice), `lesion_type`.
 """
 
 from __future__ import annotations
@@ -10,34 +11,17 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from pathlib import Path
 
 import pandas as pd
 
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.io import read_ct
+from CLEARLib.io.cohort import read_cohort
 
 from .deeplesion import lesion_type_code
 from .store import SliceRecord, SliceStoreWriter
 
 log = logging.getLogger(__name__)
-
-
-def read_cohort(path: str | os.PathLike) -> pd.DataFrame:
-    cohort = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "path" not in cohort:
-        raise CLEARInputError("a cohort table needs a 'path' column", path)
-    base = Path(path).parent
-    cohort["path"] = [str(p if Path(p).is_absolute() else base / p) for p in cohort.path]
-    names = [Path(p).name.split(".")[0] for p in cohort.path]
-    given = cohort["case_id"] if "case_id" in cohort else [""] * len(cohort)
-    cohort["case_id"] = [c or n for c, n in zip(given, names, strict=True)]
-    given = cohort["patient_id"] if "patient_id" in cohort else [""] * len(cohort)
-    cohort["patient_id"] = [p or c for p, c in zip(given, cohort.case_id, strict=True)]
-    if cohort.case_id.duplicated().any():
-        duplicated = sorted(cohort.case_id[cohort.case_id.duplicated()])
-        raise CLEARInputError(f"case_id values must be unique: {duplicated}", path)
-    return cohort
 
 
 def prepare_ct(
