@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -120,10 +121,13 @@ def cmd_predict(args) -> int:
     predictor = CasePredictor(
         args.model, device=args.device, batch_size=args.batch_size, backend=args.backend, precision=args.precision
     )
+    started = time.perf_counter()
     volume = _read(args)
+    read_s = time.perf_counter() - started
     with ProgressBar("predict", quiet=args.quiet) as bar:
         result = predictor.predict(volume, progress=bar)
     summary = {"ct": str(args.path), "input": _input_record(volume), **result.to_dict()}
+    summary["timings_s"] = {"read": round(read_s, 4), **summary["timings_s"]}
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
     if args.out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import select
 import struct
@@ -60,7 +61,10 @@ def test_a_terminal_gets_a_tqdm_bar_with_rate_and_time_left():
 def test_predict_reports_progress_unless_quiet(tmp_path, tiny_case_bundle, capsys):
     ct = tmp_path / "ct.nrrd"
     assert main(["phantom", str(ct), "--shape", "8", "32", "32"]) == 0
+    capsys.readouterr()
     assert main(["predict", str(ct), "--model", str(tiny_case_bundle), "--device", "cpu"]) == 0
-    assert "predict: 100%" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "predict: 100%" in printed.err
+    assert list(json.loads(printed.out)["timings_s"])[:2] == ["read", "preprocess"]
     assert main(["-q", "predict", str(ct), "--model", str(tiny_case_bundle), "--device", "cpu"]) == 0
     assert "predict:" not in capsys.readouterr().err

@@ -139,6 +139,28 @@ def test_survival_statistics_and_embedding(tmp_path):
     assert coords.shape == (60, 2) and (tmp_path / "tsne.png").exists()
 
 
+def test_cox_separation_is_reported_and_penalised_and_km_shows_numbers_at_risk(tmp_path):
+    from matplotlib.figure import Figure
+
+    from clear_training.stats import _numbers_at_risk
+
+    rng = np.random.default_rng(0)
+    time = rng.uniform(1, 20, 40)
+    table = pd.DataFrame({"score": -3 * time, "time": time, "event": 1})  # the score orders every death
+    out = survival_analysis(table, "score", "time", "event", tmp_path)
+    assert out["cox_penalizer"] == 0.1 and "complete separation" in out["cox_note"]
+    assert 1.0 < out["cox"]["score"]["hazard_ratio"] < 10  # not 1e33
+    ax = Figure().add_subplot()
+    ax.plot([0, 20], [1, 0])
+    ax.set_xticks([0, 10, 20])
+    durations = pd.Series([2.0, 5.0, 12.0, 15.0, 20.0])
+    high = pd.Series([True, True, False, False, True])
+    _numbers_at_risk(ax, durations, (("high", high), ("low", ~high)), "days")
+    shown = [t.get_text() for t in ax.texts]
+    assert shown[:2] == ["at risk", "high"] and shown[2:5] == ["3", "1", "1"]  # high risk at 0, 10, 20 days
+    assert shown[5:9] == ["low", "2", "2", "0"] and shown[-1] == "days"
+
+
 def test_training_cli_stages(tmp_path, capsys):
     rng = np.random.default_rng(2)
     pd.DataFrame(
