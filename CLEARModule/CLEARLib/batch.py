@@ -81,6 +81,7 @@ def run_batch(
                 **row,
                 "status": "ok",
                 "error": "",
+                **{key: volume.input_record().get(key, "") for key in ("patient_id", "series_instance_uid")},
                 **{f"p_{label}": result.probabilities[label] for label in labels},
                 "top_slices": " ".join(str(int(s)) for s in top.slice_index),
                 "top_window": str(top.window.iloc[0]),

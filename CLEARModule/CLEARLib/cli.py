@@ -103,14 +103,6 @@ def _seed(text: str):
     return values
 
 
-_INPUT_KEYS = ("patient_id", "study_instance_uid", "series_instance_uid", "series_description", "series_choice")
-
-
-def _input_record(volume) -> dict:
-    """What was read, for result files: the source and, for DICOM, patient, study, series and why it was chosen."""
-    return {"source": volume.meta.get("source"), **{k: volume.meta[k] for k in _INPUT_KEYS if k in volume.meta}}
-
-
 def cmd_predict(args) -> int:
     import pandas as pd
 
@@ -126,7 +118,7 @@ def cmd_predict(args) -> int:
     read_s = time.perf_counter() - started
     with ProgressBar("predict", quiet=args.quiet) as bar:
         result = predictor.predict(volume, progress=bar)
-    summary = {"ct": str(args.path), "input": _input_record(volume), **result.to_dict()}
+    summary = {"ct": str(args.path), "input": volume.input_record(), **result.to_dict()}
     summary["timings_s"] = {"read": round(read_s, 4), **summary["timings_s"]}
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
@@ -175,7 +167,7 @@ def cmd_lesion(args) -> int:
     volume = _read(args)
     with ProgressBar("lesion", total=1 + args.stability, unit="patch", quiet=args.quiet) as bar:
         result = predictor.predict(volume, args.seed, coord=args.coord, stability=args.stability, progress=bar)
-    summary = {"ct": str(args.path), "input": _input_record(volume), "seed": args.seed, "coord": args.coord}
+    summary = {"ct": str(args.path), "input": volume.input_record(), "seed": args.seed, "coord": args.coord}
     summary.update(border=args.border, **result.to_dict())
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
@@ -229,6 +221,11 @@ def _lesion_table(args, predictor, out: Path | None) -> int:
 
 
 def cmd_convert(args) -> int:
+    from .files import check_bundle_target
+
+    if not Path(args.checkpoint).is_file():  # before the heavy imports: a typo is answered at once
+        raise CLEARInputError("no such checkpoint file", args.checkpoint)
+    check_bundle_target(args.out)
     from .bundle.convert import convert_fmcib, convert_mambaout, convert_moco, convert_vmamba
 
     if args.source == "fmcib":

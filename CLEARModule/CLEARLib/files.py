@@ -108,16 +108,22 @@ def _is_bundle(path: Path) -> bool:
         return False
 
 
+def check_bundle_target(path: str | os.PathLike) -> Path:
+    """`path` if a bundle may be written there: nothing there yet, or a bundle (replaced); else bad input."""
+    path = Path(path)
+    if path.exists() and not _is_bundle(path):
+        what = "a folder" if path.is_dir() else "a file"
+        raise CLEARInputError(f"{what} that is not a CLEAR bundle is already here; give a new bundle path", path)
+    return path
+
+
 def publish_bundle(build_into: Callable[[Path], None], path: str | os.PathLike) -> Path:
     """Build a bundle (a folder or a .zip) in a temporary sibling, then move it into place.
 
     An existing bundle at `path` is replaced only once the new one is complete; anything else at `path`
     (a run folder, a checkpoint) is refused, never deleted.
     """
-    path = Path(path)
-    if path.exists() and not _is_bundle(path):
-        what = "a folder" if path.is_dir() else "a file"
-        raise CLEARInputError(f"{what} that is not a CLEAR bundle is already here; give a new bundle path", path)
+    path = check_bundle_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

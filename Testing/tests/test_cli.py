@@ -54,6 +54,12 @@ def test_one_exit_code_policy_for_both_clis(tmp_path, tiny_case_bundle, capsys):
     assert "give --survival" in capsys.readouterr().err
     assert train_main(["probe", str(tmp_path / "missing.h5")]) == 2
     assert "missing.h5" in capsys.readouterr().err
+    # convert answers a wrong path or a target that is not a bundle before loading anything
+    assert main(["convert", "moco", str(tmp_path / "none.pth.tar"), str(tmp_path / "b.zip")]) == 2
+    assert "none.pth.tar: no such checkpoint file" in capsys.readouterr().err
+    assert main(["convert", "moco", str(ct), str(tmp_path)]) == 2
+    assert "a folder that is not a CLEAR bundle is already here" in capsys.readouterr().err
+    assert ct.exists()
 
 
 def test_engine_cli_starts_without_heavy_imports():

@@ -167,9 +167,9 @@ def extract(
             volume = read_case(row)
             embeddings, table = predictor.encode(volume, progress=case_progress)
             runtime = {"encoder_backend": predictor.runner.backend, "encoder_precision": precision}
-            write_features(
-                target, embeddings, table, {**attrs, **runtime, "case_id": row.case_id, "source": str(row.path)}
-            )
+            read = {k: v for k, v in volume.input_record().items() if k != "source"}  # DICOM: patient, series
+            case = {"case_id": row.case_id, "source": str(row.path), **read}
+            write_features(target, embeddings, table, {**attrs, **runtime, **case})
             report["done"].append(row.case_id)
         except Exception as exc:  # report and carry on
             log.warning("%s: failed (%s)", row.case_id, exc)

@@ -40,6 +40,9 @@ def _as_points(points, name: str) -> tuple[np.ndarray, bool]:
     return arr, single
 
 
+INPUT_KEYS = ("patient_id", "study_instance_uid", "series_instance_uid", "series_description", "series_choice")
+
+
 @dataclass
 class CTVolume:
     """A CT volume in CLEAR's canonical orientation (see the module docstring).
@@ -196,6 +199,11 @@ class CTVolume:
             "p99": float(p99),
             "air_fraction": float(np.count_nonzero(self.hu < -900) / n),
         }
+
+    def input_record(self) -> dict:
+        """What was read, for result files: the source and, for DICOM, patient, study and series and why that
+        series was chosen."""
+        return {"source": self.meta.get("source"), **{k: self.meta[k] for k in INPUT_KEYS if k in self.meta}}
 
     def describe(self) -> dict:
         """Geometry and HU summary as plain data (what `clear-ct info` prints)."""
