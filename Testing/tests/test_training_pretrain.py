@@ -24,6 +24,7 @@ from clear_training.pretrain import Trainer, contrastive_loss, export_encoder
 from CLEARLib.bundle import load_bundle
 from CLEARLib.io import write_volume
 from CLEARLib.phantom import make_phantom
+from CLEARLib.preprocess import InputSpec
 
 TINY_ENCODER = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 
@@ -263,7 +264,7 @@ def test_lesion_crop_is_centred_on_the_box_centre():
     hu[0, 20:30, 40:52] = 200  # rows 20-29 (y), columns 40-51 (x)
     box = torch.tensor([[40.0, 20.0, 52.0, 30.0]])  # x1, y1, x2, y2
     cfg = ViewConfig(
-        size=24,
+        spec=InputSpec(size=24, channels=1, mean=(0.0,), std=(1.0,)),
         lesion_context=(1.0, 1.0),
         hflip=0,
         contrast=0,
@@ -271,8 +272,6 @@ def test_lesion_crop_is_centred_on_the_box_centre():
         noise_std=0,
         blur_p=0,
         window_jitter=0,
-        mean=(0.0,),
-        std=(1.0,),
     )
     g = torch.Generator().manual_seed(0)
     view = make_views(hu, torch.tensor([[-175.0, 275.0]]), cfg, g, lesion_boxes(box, (64, 64), cfg, g, "cpu"))
@@ -313,7 +312,7 @@ def test_moco_v3_colour_augmentations():
     # Solarisation inverts the bright half only; with p 1 every view is solarised.
     hu = torch.linspace(-175, 275, 32 * 32).view(1, 32, 32).repeat(2, 1, 1).to(torch.int16)
     plain = dict(
-        size=32,
+        spec=InputSpec(size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
         scale=(1.0, 1.0),
         ratio=(1.0, 1.0),
         hflip=0,
@@ -324,18 +323,17 @@ def test_moco_v3_colour_augmentations():
         blur_p=0,
     )
     bounds = torch.tensor([[-175.0, 275.0]] * 2)
-    unit = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    base = make_views(hu, bounds, ViewConfig(**plain, **unit), torch.Generator().manual_seed(1))
-    solar = make_views(hu, bounds, ViewConfig(**plain, **unit, solarize_p=1.0), torch.Generator().manual_seed(1))
+    base = make_views(hu, bounds, ViewConfig(**plain), torch.Generator().manual_seed(1))
+    solar = make_views(hu, bounds, ViewConfig(**plain, solarize_p=1.0), torch.Generator().manual_seed(1))
     torch.testing.assert_close(solar, torch.where(base >= 0.5, 1 - base, base))
 
 
 def test_views_are_reproducible_from_the_seed():
     hu = torch.randint(-1000, 1000, (4, 48, 48), dtype=torch.int16)
     bounds = torch.tensor([[-175.0, 275.0]] * 4)
-    a = make_views(hu, bounds, ViewConfig(size=32), torch.Generator().manual_seed(5))
-    b = make_views(hu, bounds, ViewConfig(size=32), torch.Generator().manual_seed(5))
-    c = make_views(hu, bounds, ViewConfig(size=32), torch.Generator().manual_seed(6))
+    a = make_views(hu, bounds, ViewConfig(spec=InputSpec(size=32)), torch.Generator().manual_seed(5))
+    b = make_views(hu, bounds, ViewConfig(spec=InputSpec(size=32)), torch.Generator().manual_seed(5))
+    c = make_views(hu, bounds, ViewConfig(spec=InputSpec(size=32)), torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (4, 3, 32, 32)
 
 

@@ -15,10 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from CLEARLib.models import IMAGENET_SPEC
+from CLEARLib.preprocess import InputSpec
+
 
 @dataclass(frozen=True)
 class ViewConfig:
-    size: int = 224
+    # The encoder's input (size, normalisation) from the encoder registry: the bundle records the same spec.
+    spec: InputSpec = IMAGENET_SPEC
     scale: tuple[float, float] = (0.2, 1.0)  # area fraction of the random resized crop (MoCo v3: 0.08-1)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
@@ -37,8 +41,10 @@ class ViewConfig:
     color_jitter: tuple[float, float] | None = None
     color_jitter_p: float = 0.8
     solarize_p: float = 0.0
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
 
 
 def _uniform(n, low, high, generator, device):
@@ -204,6 +210,6 @@ def make_views(
     if cfg.solarize_p:
         solarize = (torch.rand(n, generator=generator, device=device) < cfg.solarize_p).view(-1, 1, 1, 1)
         x = torch.where(solarize & (x >= 0.5), 1 - x, x)
-    mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
-    return (x.expand(-1, len(cfg.mean), -1, -1) - mean) / std
+    mean = torch.tensor(cfg.spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.spec.std, device=device).view(1, -1, 1, 1)
+    return (x.expand(-1, cfg.spec.channels, -1, -1) - mean) / std

@@ -237,7 +237,7 @@ class LesionPretrainer(DistributedTrainer):
         return tuple(views)
 
     def compute_loss(self, batch, epoch_f):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             z = [v.float() for v in self.ddp(*batch)]
         method = self.config.method
         if method.loss == "fmcib":
@@ -292,7 +292,7 @@ class LesionFinetuner(LesionPretrainer):
 
     def compute_loss(self, batch, epoch_f):
         x, y = batch
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             logits = self.ddp(x)
         loss = F.cross_entropy(logits.float(), y)
         return loss, {"accuracy": float((logits.argmax(1) == y).float().mean())}

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from CLEARLib.models import create_encoder
+from CLEARLib.models import create_encoder, encoder_entry
 
 
 def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool, norm: str) -> nn.Sequential:
@@ -66,13 +66,14 @@ class MoCo(nn.Module):
         super().__init__()
         self.base_encoder = create_encoder(encoder, **(encoder_kwargs or {}))
         width = self.base_encoder.num_features
+        entry = encoder_entry(encoder)
         if projector_layers is None:
-            projector_layers = 3 if encoder.startswith("vit") else 2  # as MoCo v3 for ViT and for CNNs
+            projector_layers = entry.projector_layers  # MoCo v3: 3 for ViT, 2 for CNNs
         self.base_projector = build_mlp(projector_layers, width, mlp_dim, dim, last_bn=True, norm=mlp_norm)
         # MoCo v3's ViT model and the authors' code (for every architecture) end the predictor in a
         # BatchNorm without affine parameters, like the projector.
         self.predictor = build_mlp(predictor_layers, dim, mlp_dim, dim, last_bn=predictor_last_bn, norm=mlp_norm)
-        if encoder.startswith("vit"):
+        if entry.family == "vit":
             moco_v3_vit_init(self.base_encoder)
         self.momentum_encoder = copy.deepcopy(self.base_encoder)
         self.momentum_projector = copy.deepcopy(self.base_projector)

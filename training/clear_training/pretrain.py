@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from CLEARLib.errors import CLEARInputError
+from CLEARLib.models import encoder_entry
 from CLEARLib.preprocess import resolve_windows
 
 from .augment import SlicePyramid, ViewConfig, lesion_boxes, make_views, random_resized_boxes
@@ -34,7 +35,7 @@ class Batcher:
         self.windows = resolve_windows(config.data.windows)
         self.bounds = torch.tensor([[w.low, w.high] for w in self.windows], device=device)
         view = ViewConfig(
-            size=config.data.image_size,
+            spec=encoder_entry(config.model.encoder).spec_at(config.data.image_size),  # what the bundle records
             scale=tuple(config.data.crop_scale),
             lesion_context=config.data.lesion_context,
             lesion_crop_px=config.data.lesion_crop_px,
@@ -104,9 +105,9 @@ class Trainer(DistributedTrainer):
 
     def build_model(self) -> MoCo:
         model_cfg = self.config.model
-        encoder_kwargs = dict(model_cfg.encoder_kwargs)
-        if model_cfg.encoder.startswith("vit"):  # fixed position grid: built for the training size
-            encoder_kwargs.setdefault("img_size", self.config.data.image_size)
+        encoder_kwargs = encoder_entry(model_cfg.encoder).build_kwargs(
+            model_cfg.encoder_kwargs, self.config.data.image_size
+        )
         self.batcher = Batcher(self.store, self.config, self.device)
         return MoCo(
             model_cfg.encoder,
@@ -128,7 +129,7 @@ class Trainer(DistributedTrainer):
         m = method.momentum
         if method.momentum_schedule == "cosine":
             m = momentum(epoch_f, method.momentum, self.config.run.epochs)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             q1, q2, k1, k2 = self.ddp(x1, x2, y1, y2, m)
         loss = contrastive_loss(q1.float(), q2.float(), k1.float(), k2.float(), is_key, self.config.method)
         return loss, {"momentum": m, "key_slices": int(is_key.sum())}

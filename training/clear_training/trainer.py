@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.files import atomic_path
+from CLEARLib.inference.runtime import autocast
 from CLEARLib.progress import report
 
 from .distributed import DistInfo, all_reduce_mean, init_distributed
@@ -85,7 +86,7 @@ class DistributedTrainer:
         optim = config.optim
         self.optimizer = build_optimizer(optim.name, model.parameters(), optim.weight_decay, optim.betas)
         self.amp = config.optim.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)  # needed when the GPU falls back to fp16
         self.out_dir = Path(config.run.out_dir)
         self.epoch, self.step, self.global_step = 0, 0, 0  # the next step to run
         self._resume()
@@ -148,6 +149,10 @@ class DistributedTrainer:
         start = step * self.config.optim.batch_size + self.dist.rank * self.local_batch
         return order[start : start + self.local_batch]
 
+    def autocast(self):
+        """The engine's mixed-precision policy (CLEARLib.inference.runtime.autocast), on GPUs with optim.amp."""
+        return autocast(self.device, enabled=self.amp)
+
     def train_step(self) -> dict:
         cfg = self.config
         epoch_f = self.epoch + self.step / self.steps_per_epoch
@@ -191,7 +196,8 @@ class DistributedTrainer:
             views += self.views_per_item * cfg.optim.batch_size
             record.update(epoch=self.epoch, step=self.step, global_step=self.global_step)
             history.append(record)
-            report(progress, self.global_step / total, f"epoch {self.epoch + 1} loss {record['loss']:.4f}")
+            epoch_of_step = self.epoch + 1 if self.step else self.epoch  # 1-based; the step may have ended it
+            report(progress, self.global_step / total, f"epoch {epoch_of_step} loss {record['loss']:.4f}")
             end_of_epoch = self.step == 0
             if self.global_step % cfg.run.log_every_steps == 0 or end_of_epoch:
                 elapsed = time.perf_counter() - started

@@ -14,7 +14,6 @@ from safetensors.torch import load_file as load_safetensors_file
 from ..catalog import sha256_of
 from ..errors import CLEARInputError
 from ..models import create_encoder, encoder_entry
-from ..preprocess.slices import InputSpec
 from .store import load_state_strict, save_bundle
 
 # Heads that pretraining puts on the encoder (projector, predictor, classifier); never part of an encoder.
@@ -57,14 +56,13 @@ def _state_dict_of(checkpoint: dict, path: Path, keys=("state_dict", "model")) -
 def _save_slice_encoder(out, encoder, architecture: str, name: str, windows, input_size: int, description: str,
                         provenance: dict) -> Path:  # fmt: skip
     """An encoder-only case bundle of converted weights, with the encoder's own normalisation at `input_size`."""
-    spec = encoder_entry(architecture).input_spec
     return save_bundle(
         out,
         name=name,
         kind="case",
         encoder=encoder,
         windows=windows,
-        input_spec=InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std),
+        input_spec=encoder_entry(architecture).spec_at(input_size),
         description=description,
         provenance=provenance,
     )
@@ -137,10 +135,7 @@ def convert_moco(
     entry = encoder_entry(architecture)
     if entry.kind != "slice":
         raise ValueError(f"{architecture} is not a slice encoder")
-    kwargs = dict(encoder_kwargs or {})
-    if architecture.startswith("vit_") and input_size != 224:
-        kwargs.setdefault("img_size", input_size)
-    encoder = create_encoder(architecture, **kwargs)
+    encoder = create_encoder(architecture, **entry.build_kwargs(encoder_kwargs, input_size))
     load_state_strict(encoder, moco_encoder_state(checkpoint, encoder), f"{architecture} encoder", checkpoint)
     return _save_slice_encoder(
         out,

@@ -21,18 +21,35 @@ from torch import nn
 from ..preprocess.slices import InputSpec
 from .vmamba import VSSM
 
-IMAGENET_SPEC = InputSpec(size=224, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+IMAGENET_SPEC = InputSpec()  # 224 px, 3 channels, ImageNet mean and std (InputSpec's defaults)
 
 
 @dataclass(frozen=True)
 class EncoderEntry:
+    """Everything a consumer (bundles, converters, inference, training) needs to know about an encoder."""
+
     name: str
     kind: str  # "slice" or "lesion"
     build: Callable[..., nn.Module]
-    input_spec: InputSpec | None
+    input_spec: InputSpec | None  # slice encoders: size, channels, normalisation
     description: str
+    family: str  # "mambaout", "vit", "vmamba", "resnet3d": MoCo v3's ViT initialisation applies to "vit"
+    fixed_input_size: bool = False  # built for one input size (ViT's position grid): img_size is a build argument
+    projector_layers: int = 2  # MoCo v3's projector depth: 3 for ViT, 2 otherwise
     # None when the encoder runs on ONNX Runtime; otherwise why it stays on torch.
     onnx_unsupported: str | None = None
+
+    def build_kwargs(self, kwargs: dict | None, input_size: int) -> dict:
+        """Build arguments for `input_size`: encoders with a fixed input size are built for it."""
+        kwargs = dict(kwargs or {})
+        if self.fixed_input_size:
+            kwargs.setdefault("img_size", input_size)
+        return kwargs
+
+    def spec_at(self, input_size: int) -> InputSpec:
+        """This encoder's input spec (normalisation) at another input size."""
+        spec = self.input_spec or IMAGENET_SPEC
+        return InputSpec(size=input_size, channels=spec.channels, mean=spec.mean, std=spec.std)
 
 
 _REGISTRY: dict[str, EncoderEntry] = {}
@@ -40,16 +57,21 @@ _REGISTRY: dict[str, EncoderEntry] = {}
 
 def register_encoder(
     name: str,
+    family: str,
     kind: str = "slice",
     input_spec: InputSpec | None = IMAGENET_SPEC,
     description="",
+    fixed_input_size: bool = False,
+    projector_layers: int = 2,
     onnx_unsupported: str | None = None,
 ):
     def decorator(build):
         if name in _REGISTRY:
             raise ValueError(f"encoder {name!r} is registered twice")
         spec = input_spec if kind == "slice" else None
-        _REGISTRY[name] = EncoderEntry(name, kind, build, spec, description, onnx_unsupported)
+        _REGISTRY[name] = EncoderEntry(
+            name, kind, build, spec, description, family, fixed_input_size, projector_layers, onnx_unsupported
+        )
         return build
 
     return decorator
@@ -101,7 +123,7 @@ def _mambaout(timm_name):
 
 
 for _name in ("mambaout_femto", "mambaout_kobe", "mambaout_tiny", "mambaout_small", "mambaout_base"):
-    register_encoder(_name, description=f"timm {_name}, pooled + normed features")(_mambaout(_name))
+    register_encoder(_name, "mambaout", description=f"timm {_name}, pooled + normed features")(_mambaout(_name))
 
 
 # --------------------------------------------------------------------- ViT with MoCo v3 conv stem
@@ -177,12 +199,15 @@ class ViTConvEncoder(nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
-@register_encoder("vit_conv_small", description="ViT-S/16 with MoCo v3 conv stem (384-d)")
+_VIT = {"family": "vit", "fixed_input_size": True, "projector_layers": 3}
+
+
+@register_encoder("vit_conv_small", description="ViT-S/16 with MoCo v3 conv stem (384-d)", **_VIT)
 def vit_conv_small(**kwargs):
     return ViTConvEncoder(**{"embed_dim": 384, "depth": 11, "num_heads": 12, **kwargs})
 
 
-@register_encoder("vit_conv_base", description="ViT-B/16 with MoCo v3 conv stem (768-d)")
+@register_encoder("vit_conv_base", description="ViT-B/16 with MoCo v3 conv stem (768-d)", **_VIT)
 def vit_conv_base(**kwargs):
     return ViTConvEncoder(**{"embed_dim": 768, "depth": 11, "num_heads": 12, **kwargs})
 
@@ -205,6 +230,7 @@ VMAMBA_ONNX = "its exported selective scan differs from torch by about 8e-4, abo
 
 @register_encoder(
     "vmamba_tiny",
+    "vmamba",
     description="VSSM depths [2,2,9,2], dims [96..768], d_state 16, ssm_ratio 2",
     onnx_unsupported=VMAMBA_ONNX,
 )
@@ -216,6 +242,7 @@ def vmamba_tiny(**kwargs):
 # supplement says 36 M parameters, which no VSSM configuration gives: this one has about 43 M.
 @register_encoder(
     "vmamba_v2",
+    "vmamba",
     description="VSSM() defaults (v2): depths [2,2,9,2], dims [96..768], MLP ratio 4, conv downsampling, ~43 M",
     onnx_unsupported=VMAMBA_ONNX,
 )
@@ -270,6 +297,6 @@ def _replace_batch_norm(module: nn.Module, norm) -> None:
             _replace_batch_norm(child, norm)
 
 
-@register_encoder("fmcib_resnet50", kind="lesion", description="FMCIB 3D ResNet50, widen 2, 4096-d")
+@register_encoder("fmcib_resnet50", "resnet3d", kind="lesion", description="FMCIB 3D ResNet50, widen 2, 4096-d")
 def fmcib_resnet50(**kwargs):
     return LesionEncoder(**kwargs)
