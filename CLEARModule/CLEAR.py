@@ -33,7 +33,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 LOCAL_BUNDLE = "Local bundle (folder or .zip)"
-LESION_TYPES = ["unlabelled", "bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft tissue", "pelvis"]
 
 
 class CLEAR(ScriptedLoadableModule):
@@ -129,7 +128,10 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         catalog = json.loads(extension_file("models.json").read_text())
         names = [m["name"] for m in catalog.get("models", []) if m.get("kind") == "case"]
         self.ui.modelComboBox.addItems(names + [LOCAL_BUNDLE])
-        self.ui.lesionTypeComboBox.addItems(LESION_TYPES)
+        from CLEARLib.io.deeplesion import LESION_TYPES
+
+        # item i is DeepLesion's code i (1..8); item 0 is unlabelled (-1)
+        self.ui.lesionTypeComboBox.addItems(["unlabelled", *(LESION_TYPES[code] for code in range(1, 9))])
         self.ui.topSlicesTable.setColumnCount(4)
         self.ui.topSlicesTable.setHorizontalHeaderLabels(["slice", "window", "z (mm)", "attention"])
 
@@ -564,9 +566,8 @@ class CLEARTest(ScriptedLoadableModuleTest):
     def test_CaseLesionAndKeySliceFlow(self):
         import tempfile
 
-        import numpy as np
-
         from CLEARLib import mrml
+        from CLEARLib.io.volume import flip_lps_ras
         from CLEARLib.phantom import make_phantom
 
         self.assertTrue(ensure_dependencies())
@@ -589,7 +590,7 @@ class CLEARTest(ScriptedLoadableModuleTest):
 
             self.delayDisplay("Lesion prediction with stability")
             seed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "seed")
-            seed.AddControlPointWorld(*(np.asarray(lesions[0].center_lps) * [-1, -1, 1]))
+            seed.AddControlPointWorld(*flip_lps_ras(lesions[0].center_lps))
             roi = logic.showPatch(ct, seed)
             size = [0.0] * 3
             roi.GetSizeWorld(size)
@@ -601,7 +602,7 @@ class CLEARTest(ScriptedLoadableModuleTest):
             notes = logic.keySliceAnnotations(node)
             notes.mark(top)
             box = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion box")
-            box.SetCenterWorld(*(np.asarray(lesions[0].center_lps) * [-1, -1, 1]))
+            box.SetCenterWorld(*flip_lps_ras(lesions[0].center_lps))
             box.SetSizeWorld(20.0, 20.0, 1.0)
             notes.add_box(box, lesion_type=4)
             exported = notes.export(os.path.join(folder, "keys.csv"))

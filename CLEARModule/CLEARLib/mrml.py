@@ -18,10 +18,10 @@ import slicer
 import vtk
 
 from .errors import CLEARInputError
-from .io import CTVolume
+from .io.volume import LPS_RAS, CTVolume, flip_lps_ras
 from .preprocess.lesion import lesion_patch_centre
 
-_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_RAS_FROM_LPS = np.diag([*LPS_RAS, 1.0])
 LAYOUT_ID = 20251  # CLEAR's custom layout: slice views beside the attention plot
 LAYOUT_XML = """
 <layout type="horizontal" split="true">
@@ -274,7 +274,7 @@ def seed_lps_from_markups(markups_node, index: int = 0) -> np.ndarray:
         raise CLEARInputError("place a seed point on the lesion first")
     ras = [0.0, 0.0, 0.0]
     markups_node.GetNthControlPointPositionWorld(index, ras)
-    return np.asarray(ras) * np.array([-1.0, -1.0, 1.0])
+    return flip_lps_ras(ras)
 
 
 def patch_roi(volume: CTVolume, seed, scene, coord: str = "LPS", size: int = 50, spacing_mm: float = 1.0, node=None):
@@ -282,7 +282,7 @@ def patch_roi(volume: CTVolume, seed, scene, coord: str = "LPS", size: int = 50,
     centre_lps = lesion_patch_centre(volume, seed, coord, size, spacing_mm)
     # The patch's voxel centres span size - 1 mm; its voxels, and so the box, span size mm.
     node = node or scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "CLEAR lesion patch")
-    node.SetCenterWorld(*(centre_lps * np.array([-1.0, -1.0, 1.0])))
+    node.SetCenterWorld(*flip_lps_ras(centre_lps))
     node.SetSizeWorld(*(size * spacing_mm,) * 3)
     return node
 

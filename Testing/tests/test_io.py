@@ -447,3 +447,32 @@ def test_cohort_table_fills_ids_and_refuses_what_it_cannot_use(tmp_path):
     # IDs that differ only in characters a file name cannot hold get different feature files.
     stems = {file_stem_for(c) for c in ("LUNG1/001", "LUNG1_001", "case 1", "case_1")}
     assert len(stems) == 4 and file_stem_for("LUNG1_001") == "LUNG1_001"
+
+
+def test_deeplesion_and_radchest_readers(tmp_path):
+    from deeplesion_factory import write_deeplesion
+    from PIL import Image
+
+    from CLEARLib.io.deeplesion import lesion_type_code, read_deeplesion_slices, read_deeplesion_study
+    from CLEARLib.io.radchest import read_radchest
+
+    write_deeplesion(tmp_path, n_patients=1, slices=8, size=32)
+    folder = tmp_path / "Images_png" / "000001_01_01"
+    hu, numbers = read_deeplesion_slices(folder)
+    png = np.asarray(Image.open(folder / "003.png")).astype(np.int32) - 32768
+    assert numbers == list(range(8)) and hu.dtype == np.int16 and np.array_equal(hu[3], png)
+    volume = read_deeplesion_study(folder, (0.7, 0.7, 5.0))
+    assert volume.shape == (8, 32, 32) and volume.spacing == (0.7, 0.7, 5.0) and volume.meta["format"] == "deeplesion"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "008.png")
+    with pytest.raises(CLEARInputError, match="008.png: expected a 16-bit PNG"):
+        read_deeplesion_slices(folder)
+    with pytest.raises(CLEARInputError, match="no PNG slices"):
+        read_deeplesion_slices(tmp_path)
+    assert [lesion_type_code(v) for v in ("lung", "Soft Tissue", "4", "", None)] == [5, 7, 4, -1, -1]
+
+    np.savez(tmp_path / "chest.npz", ct=np.full((5, 8, 8), -800, np.int16))
+    chest = read_radchest(tmp_path / "chest.npz")
+    assert chest.spacing == (0.8, 0.8, 0.8) and int(chest.hu[0, 0, 0]) == -800
+    np.savez(tmp_path / "two.npz", a=np.zeros(2), b=np.zeros(2))
+    with pytest.raises(CLEARInputError, match="two.npz: expected an array named 'ct'"):
+        read_radchest(tmp_path / "two.npz")

@@ -25,33 +25,12 @@ from CLEARLib.errors import CLEARInputError
 from CLEARLib.files import atomic_path
 from CLEARLib.io import CTVolume, read_ct
 from CLEARLib.io.cohort import file_stem_for, read_cohort
+from CLEARLib.io.deeplesion import read_deeplesion_study
+from CLEARLib.io.radchest import read_radchest
 from CLEARLib.progress import report as report_progress
 from CLEARLib.progress import scaled
 
 log = logging.getLogger(__name__)
-
-RADCHEST_DEFAULT_SPACING = (0.8, 0.8, 0.8)  # RAD-ChestCT volumes are distributed resampled to 0.8 mm
-
-
-def read_deeplesion_study(folder: Path, spacing) -> CTVolume:
-    """A DeepLesion study folder of 16-bit PNG slices (HU + 32768) as a volume; slice number = z index."""
-    from .data.deeplesion import read_png_hu
-
-    files = sorted(Path(folder).glob("*.png"), key=lambda p: int(p.stem))
-    if not files:
-        raise CLEARInputError("no PNG slices", folder)
-    hu = np.stack([read_png_hu(p) for p in files])
-    return CTVolume.from_array(hu, spacing, (0.0, 0.0, 0.0), meta={"source": str(folder), "format": "deeplesion"})
-
-
-def read_radchest(path: Path, spacing) -> CTVolume:
-    """A RAD-ChestCT `.npz` volume ([z, y, x] HU, key `ct` or the only array in the file)."""
-    with np.load(path) as data:
-        key = "ct" if "ct" in data.files else (data.files[0] if len(data.files) == 1 else None)
-        if key is None:
-            raise CLEARInputError(f"expected an array named 'ct', found {data.files}", path)
-        hu = data[key]
-    return CTVolume.from_array(hu, spacing, (0.0, 0.0, 0.0), meta={"source": str(path), "format": "radchest"})
 
 
 def _format_of(row) -> str:
@@ -75,7 +54,7 @@ def read_case(row) -> CTVolume:
             raise CLEARInputError("DeepLesion studies need spacing_x, spacing_y, spacing_z columns", row.path)
         return read_deeplesion_study(Path(row.path), spacing)
     if fmt == "radchest":
-        return read_radchest(Path(row.path), spacing or RADCHEST_DEFAULT_SPACING)
+        return read_radchest(Path(row.path), spacing) if spacing else read_radchest(Path(row.path))
     raise CLEARInputError(f"unknown cohort format {fmt!r}", row.path)
 
 

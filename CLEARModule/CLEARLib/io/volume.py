@@ -28,7 +28,12 @@ log = logging.getLogger(__name__)
 # direction is kept. Beyond it the acquisition is oblique and needs explicit resampling.
 AXIAL_TOLERANCE_DEG = 1.0
 AIR_HU = -1024.0
-_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+LPS_RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS: x and y change sign, the same map both ways
+
+
+def flip_lps_ras(points) -> np.ndarray:
+    """Points (or one point) from LPS to RAS, or from RAS to LPS: the one coordinate flip of CLEAR."""
+    return np.asarray(points, dtype=np.float64) * LPS_RAS
 
 
 def _as_points(points, name: str) -> tuple[np.ndarray, bool]:
@@ -147,7 +152,7 @@ class CTVolume:
     @property
     def ijk_to_ras_matrix(self) -> np.ndarray:
         """4x4 matrix mapping (i=x, j=y, k=z) indices to RAS mm, as Slicer's IJKToRAS."""
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.index_to_lps_matrix
+        return np.diag([*LPS_RAS, 1.0]) @ self.index_to_lps_matrix
 
     def index_to_lps(self, zyx) -> np.ndarray:
         """[z, y, x] voxel indices (fractional allowed; one per row) to LPS mm points."""
@@ -163,11 +168,11 @@ class CTVolume:
         return zyx[0] if single else zyx
 
     def index_to_ras(self, zyx) -> np.ndarray:
-        return self.index_to_lps(zyx) * _LPS_TO_RAS
+        return flip_lps_ras(self.index_to_lps(zyx))
 
     def ras_to_index(self, points) -> np.ndarray:
         pts, single = _as_points(points, "points")
-        zyx = self.lps_to_index(pts * _LPS_TO_RAS)
+        zyx = self.lps_to_index(flip_lps_ras(pts))
         return zyx[0] if single else zyx
 
     @property

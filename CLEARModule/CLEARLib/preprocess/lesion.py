@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import CLEARInputError
-from ..io.volume import CTVolume
+from ..io.volume import LPS_RAS, CTVolume, flip_lps_ras
 
 OUTSIDE_HU = -1024.0
 HU_OFFSET = 1024.0
@@ -35,7 +35,7 @@ HU_SCALE = 3072.0
 # Input voxels read on each side of the patch beyond its physical extent, so that every patch point
 # sees the same interpolation neighbours as in the whole volume.
 _CROP_MARGIN_VOXELS = 2
-_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+_LPS_FROM_RAS = np.diag(LPS_RAS)
 Border = Literal["centred", "fmcib"]
 
 
@@ -45,7 +45,7 @@ def seed_to_lps(seed, coord: str = "LPS") -> np.ndarray:
         raise ValueError(f"a seed is 3 finite coordinates in mm, got {seed!r}")
     coord = coord.upper()
     if coord == "RAS":
-        return point * np.array([-1.0, -1.0, 1.0])
+        return flip_lps_ras(point)
     if coord != "LPS":
         raise ValueError(f"coord must be 'LPS' or 'RAS', got {coord!r}")
     return point

@@ -17,8 +17,8 @@ import pandas as pd
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.io import read_ct
 from CLEARLib.io.cohort import read_cohort
+from CLEARLib.io.deeplesion import lesion_type_code
 
-from .deeplesion import lesion_type_code
 from .store import SliceRecord, SliceStoreWriter
 
 log = logging.getLogger(__name__)

@@ -3,8 +3,7 @@
 DeepLesion facts: `DL_info.csv` has one row per lesion; `File_name` is `{patient}_{study}_{series}_{slice}.png`;
 slices are 16-bit PNGs under `Images_png/{patient}_{study}_{series}/{slice:03d}.png` with
 HU = value - 32768; `Bounding_boxes` are x1, y1, x2, y2 in pixels of the key slice;
-`Spacing_mm_px_` is x, y, z spacing; `Coarse_lesion_type` 1..8 = bone, abdomen, mediastinum,
-liver, lung, kidney, soft tissue, pelvis (-1 = unlabelled).
+`Spacing_mm_px_` is x, y, z spacing; `Coarse_lesion_type` as CLEARLib.io.deeplesion.LESION_TYPES.
 """
 
 from __future__ import annotations
@@ -16,44 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from CLEARLib.errors import CLEARInputError
+from CLEARLib.io.deeplesion import read_deeplesion_slices
 
 from .store import SliceRecord, SliceStoreWriter
 
 log = logging.getLogger(__name__)
-
-HU_OFFSET = 32768
-LESION_TYPES = {
-    1: "bone",
-    2: "abdomen",
-    3: "mediastinum",
-    4: "liver",
-    5: "lung",
-    6: "kidney",
-    7: "soft tissue",
-    8: "pelvis",
-}
-
-
-def lesion_type_code(value) -> int:
-    """A lesion type given as DeepLesion's code (1..8, -1 = unlabelled) or by name ("lung", "soft tissue",
-    "soft_tissue"; any case); blank means unlabelled. ValueError says what is accepted."""
-    if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
-        return -1
-    text = str(value).strip()
-    try:
-        code = int(float(text))
-    except ValueError:
-        names = {name.replace(" ", "_"): code for code, name in LESION_TYPES.items()} | {"unlabelled": -1}
-        key = text.lower().replace(" ", "_")
-        if key not in names:
-            raise ValueError(f"{text!r} is not a lesion type; use -1..8 or one of {', '.join(names)}") from None
-        return names[key]
-    if code != -1 and code not in LESION_TYPES:
-        raise ValueError(f"{code} is not a DeepLesion lesion code (1..8, -1 = unlabelled)")
-    return code
 
 
 def _floats(text, n: int, what: str) -> tuple[float, ...]:
@@ -88,14 +56,6 @@ def patient_splits(info: pd.DataFrame, patients: list[str], test_fraction: float
     n_test = int(round(test_fraction * len(labelled)))
     test = set(rng.choice(labelled, size=n_test, replace=False).tolist()) if n_test else set()
     return pd.DataFrame({"patient_id": patients, "split": ["test" if p in test else "pretrain" for p in patients]})
-
-
-def read_png_hu(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        values = np.asarray(image)
-    if values.dtype != np.uint16 and image.mode not in ("I;16", "I"):
-        raise CLEARInputError(f"expected a 16-bit PNG, got mode {image.mode}", path)
-    return (values.astype(np.int32) - HU_OFFSET).astype(np.int16)
 
 
 def prepare_deeplesion(
@@ -136,17 +96,15 @@ def prepare_deeplesion(
         patient = folder.name.split("_")[0]
         if patient in test_patients:
             continue
-        files = sorted(folder.glob("*.png"), key=lambda p: int(p.stem))
         try:
-            hu = np.stack([read_png_hu(p) for p in files])
+            hu, slice_numbers = read_deeplesion_slices(folder)
         except Exception as exc:  # report and carry on with the other folders
             failures.append({"folder": folder.name, "error": str(exc)})
             log.warning("%s: skipped (%s)", folder, exc)
             continue
         spacing = spacing_of.get(folder.name, (float("nan"),) * 3)
         records = []
-        for p in files:
-            index = int(p.stem)
+        for index in slice_numbers:
             found = lesions.get((folder.name, index), [])
             records.append(
                 SliceRecord(
