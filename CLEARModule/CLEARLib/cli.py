@@ -188,34 +188,24 @@ def cmd_lesion(args) -> int:
 def _lesion_table(args, predictor, out: Path | None) -> int:
     """FMCIB's get_features for a seed table: every image read once, one features table for all seeds."""
     import numpy as np
-    import pandas as pd
 
     from .files import staged_outputs, write_csv, write_json, write_npy
+    from .inference.lesion import seed_table_features
     from .io import read_seed_table
 
     seeds = read_seed_table(args.seeds)
-    blocks, failed = [], []
-    images = seeds.groupby("image_path", sort=False)
-    with ProgressBar("lesion", total=images.ngroups, unit="image", quiet=args.quiet) as bar:
-        for done, (image, rows) in enumerate(images, start=1):
-            try:
-                volume = _read(args, image)
-                points = rows[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
-                blocks.append((rows, predictor.features(volume, points, coord="LPS")))
-            except CLEARInputError as exc:  # report the rows and carry on with the other images
-                failed += [{"row": int(i) + 1, "image_path": image, "error": str(exc)} for i in rows.index]
-            bar(done / images.ngroups, Path(image).name)
+    with ProgressBar("lesion", quiet=args.quiet) as bar:
+        rows, features, failed = seed_table_features(predictor, seeds, read=lambda p: _read(args, p), progress=bar)
     summary = {"seeds": str(args.seeds), "bundle": predictor.bundle.manifest.name, "failed": failed}
-    summary["scored"] = sum(len(rows) for rows, _ in blocks)
+    summary["scored"] = len(rows)
     print(json.dumps(summary, indent=2))
     if out:
         with staged_outputs(out) as stage:
-            if blocks:
-                table = pd.concat([_feature_rows(predictor, rows, feats) for rows, feats in blocks]).sort_index()
-                write_csv(stage / "features.csv", table)
-                write_npy(stage / "features.npy", table.filter(regex=r"^f\d+$").to_numpy(np.float32))
+            if len(rows):
+                write_csv(stage / "features.csv", _feature_rows(predictor, rows, features))
+                write_npy(stage / "features.npy", features.astype(np.float32))
             write_json(stage / "lesion.json", summary)
-    if not blocks:
+    if not len(rows):
         raise CLEARInputError(f"no seed could be scored ({failed[0]['error']})", args.seeds)
     return 0
 

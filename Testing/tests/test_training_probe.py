@@ -37,9 +37,12 @@ def test_lesion_features_and_probe_export(tmp_path, tiny_lesion_bundle):
             }
         )
     rows.append({"image_path": "missing.nrrd", "coordX": 0, "coordY": 0, "coordZ": 0, "label": "benign"})
+    outside = {**rows[0], "coordX": 5000.0, "case_id": "outside"}  # a seed off its image, beside good ones
+    rows.insert(1, outside)
     pd.DataFrame(rows).to_csv(tmp_path / "seeds.csv", index=False)
     report = extract_lesion_features(tiny_lesion_bundle, tmp_path / "seeds.csv", tmp_path / "feats.h5", device="cpu")
-    assert report["seeds"] == 16 and len(report["failed"]) == 1
+    assert report["seeds"] == 16 and [f["row"] for f in report["failed"]] == [2, 18]
+    assert "outside" in report["failed"][0]["error"] and "no such file" in report["failed"][1]["error"]
     from clear_training.probe import load_probe_data
 
     data = load_probe_data(tmp_path / "feats.h5")
@@ -56,7 +59,7 @@ def test_lesion_features_and_probe_export(tmp_path, tiny_lesion_bundle):
     # The exported head reproduces the sklearn probe on the same features.
     predictor = LesionPredictor(bundle_path, device="cpu")
     volume_path = tmp_path / "ct1.nrrd"
-    seed = (rows[1]["coordX"], rows[1]["coordY"], 0.0)
+    seed = (rows[2]["coordX"], rows[2]["coordY"], 0.0)
     lesion_result = predictor.predict(str(volume_path), seed)
     expected = model.predict_proba(lesion_result.features[None].astype(np.float64))[0, 1]
     assert lesion_result.probabilities["malignant"] == pytest.approx(expected, abs=1e-4)

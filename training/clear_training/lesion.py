@@ -25,6 +25,7 @@ from torch import nn
 
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.files import write_npy
+from CLEARLib.io import read_seed_table
 from CLEARLib.models import LinearHead, create_encoder
 
 from .config import OptimConfig, RunConfig, _Strict
@@ -66,12 +67,6 @@ class LesionPretrainConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------------ region cache
-def read_seeds(path: Path) -> pd.DataFrame:
-    from CLEARLib.io import read_seed_table
-
-    return read_seed_table(path)
-
-
 def _background_centres(volume, seed_lps, n: int, rng) -> list[np.ndarray]:
     """Centres of patches elsewhere in the scan whose 50 mm cube does not overlap the lesion's."""
     first, last = volume.index_to_lps([0, 0, 0]), volume.index_to_lps(np.array(volume.shape, dtype=float) - 1)
@@ -213,7 +208,7 @@ class LesionPretrainer(DistributedTrainer):
         return 4 if self.config.method.loss == "fmcib" else 2
 
     def prepare_data(self) -> int:
-        self.seeds = read_seeds(self.config.data.seeds)
+        self.seeds = read_seed_table(self.config.data.seeds)
         self.cache = build_region_cache(self.seeds, self.config.data, self.config.run.seed)
         return len(self.cache)
 

@@ -31,36 +31,18 @@ def extract_lesion_features(
 ) -> dict:
     """4096-d features of every seed (one HDF5: feats, case_id, label), volumes read once each."""
     from CLEARLib.inference import LesionPredictor
-    from CLEARLib.io import read_ct, read_seed_table
+    from CLEARLib.inference.lesion import seed_table_features
+    from CLEARLib.io import read_seed_table
 
     seeds = read_seed_table(seeds_csv)
     predictor = LesionPredictor(bundle, device=device)
-    feats, kept, failed = [], [], []
-    done = 0
-    for path, rows in seeds.groupby("image_path", sort=False):
-        try:
-            volume = read_ct(path)
-        except Exception as exc:  # report and carry on
-            failed += [{"row": int(i), "error": str(exc)} for i in rows.index]
-            done += len(rows)
-            continue
-        for i, row in rows.iterrows():
-            done += 1
-            try:
-                result = predictor.predict(volume, (row.coordX, row.coordY, row.coordZ), coord="LPS")
-            except Exception as exc:
-                failed.append({"row": int(i), "error": str(exc)})
-                continue
-            finally:
-                report(progress, done / len(seeds), Path(path).name)
-            feats.append(result.features)
-            kept.append(i)
-    if not feats:
+    table, feats, failed = seed_table_features(predictor, seeds, progress=progress)
+    if not len(table):
         raise CLEARInputError(f"no seed could be scored ({failed[:3]})", seeds_csv)
-    table = seeds.loc[kept].reset_index(drop=True)
-    out = Path(out)
+    kept = list(table.index)
+    table = table.reset_index(drop=True)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("feats", data=np.stack(feats).astype(np.float32))
+        f.create_dataset("feats", data=feats.astype(np.float32))
         f.create_dataset("row", data=np.asarray(kept, dtype=np.int64))
         if "label" in table:
             f.create_dataset("label", data=table.label.astype(str).to_numpy().astype("S"))

@@ -163,3 +163,36 @@ class LesionPredictor:
         # Keep drawn seeds inside the image (a seed near the edge would otherwise be refused).
         zyx = np.clip(volume.lps_to_index(drawn), 0, np.array(volume.shape) - 1)
         return volume.index_to_lps(zyx)
+
+
+def seed_table_features(predictor: LesionPredictor, seeds, read=read_ct, progress=None):
+    """FMCIB's get_features for a seed table (CLEARLib.io.read_seed_table): every image read once and its
+    seeds encoded in one batched pass. An image that cannot be read, or a seed that cannot be used, is
+    listed in `failed` (`row`: the data row of the table, from 1) and the others go on.
+
+    Returns (the scored rows in table order, their features [n, D] aligned with them, failed)."""
+    from pathlib import Path
+
+    scored: dict[int, np.ndarray] = {}
+    failed = []
+    images = seeds.groupby("image_path", sort=False)
+    for done, (image, rows) in enumerate(images, start=1):
+        report(progress, (done - 1) / images.ngroups, Path(image).name)
+        try:
+            volume = read(image)
+        except CLEARInputError as exc:
+            failed += [{"row": int(i) + 1, "image_path": image, "error": str(exc)} for i in rows.index]
+            continue
+        points = rows[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
+        try:
+            scored.update(zip(rows.index, predictor.features(volume, points, coord="LPS"), strict=True))
+        except CLEARInputError:  # a seed the batch could not use: score the seeds one by one to find it
+            for i, point in zip(rows.index, points, strict=True):
+                try:
+                    scored[i] = predictor.features(volume, [point], coord="LPS")[0]
+                except CLEARInputError as exc:
+                    failed.append({"row": int(i) + 1, "image_path": image, "error": str(exc)})
+    report(progress, 1.0, f"{len(scored)} seeds scored")
+    order = [i for i in seeds.index if i in scored]
+    features = np.stack([scored[i] for i in order]) if order else np.zeros((0, 0), np.float32)
+    return seeds.loc[order], features, failed
