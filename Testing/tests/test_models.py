@@ -254,3 +254,22 @@ def test_fmcib_resnet50_matches_monai_and_gives_4096_features():
         features = ours(x)
         torch.testing.assert_close(features, monai_model(x))
     assert features.shape == (1, 4096) and ours.num_features == 4096
+
+
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_ensemble_averages_member_probabilities_as_they_are(task):
+    from CLEARLib.models.abmil import ABMILEnsemble, head_probabilities
+
+    torch.manual_seed(0)
+    ensemble = ABMILEnsemble(16, 3, 4, task, hidden_dim=8, attention_dim=4).eval()
+    features = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        ensemble.members[0].head[-1].bias.fill_(60.0)  # a member certain of every label: p = 1 in float32
+        probs, attention = head_probabilities(ensemble, features, task)
+        members = [probabilities(m(features)[0], task) for m in ensemble.members]
+        single, _ = head_probabilities(ensemble.members[1], features, task)
+    torch.testing.assert_close(probs, torch.stack(members).mean(0))  # no round trip through logits
+    torch.testing.assert_close(single, members[1])
+    assert attention.shape == (2, 7) and torch.allclose(attention.sum(1), torch.ones(2))
+    if task == "multiclass":
+        torch.testing.assert_close(probs.sum(1), torch.ones(2))

@@ -18,23 +18,34 @@ class ConfigError(CLEARInputError):
     """A config file that cannot be used; the message names the file and every bad key."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every config section: unknown keys are errors, reported with their path."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
+    """What every run has: a name, an output folder, a seed and a device."""
+
     name: str
     out_dir: Path
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrainingRunConfig(RunConfig):
+    """A run of the distributed trainer (pretraining, lesion models): epochs, checkpoints, logs."""
+
     epochs: int = Field(100, ge=1)
     warmup_epochs: float = Field(10, ge=0)
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint within an epoch")
     log_every_steps: int = Field(20, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps in all (tests, benchmarks)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many steps in all (a short trial); the bundle is exported as usual"
+    )
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     store: Path
     windows: list[str] = Field(default_factory=lambda: ["abdomen", "lung"])
     image_size: int = Field(224, ge=16)
@@ -59,12 +70,14 @@ class DataConfig(_Strict):
         return value
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     encoder: str
     encoder_kwargs: dict = Field(default_factory=dict)
     dim: int = Field(256, ge=8)
     mlp_dim: int = Field(4096, ge=8)
-    projector_layers: int | None = Field(None, ge=1, description="default: 3 for ViT, 2 otherwise")
+    projector_layers: int | None = Field(
+        None, ge=1, description="default: the encoder registry's (MoCo v3: 3 for ViT, 2 otherwise)"
+    )
     predictor_layers: int = Field(2, ge=1)
     predictor_last_bn: bool = Field(True, description="predictor ends in BatchNorm(affine=False) (MoCo v3 ViT)")
     mlp_norm: Literal["batchnorm", "none"] = "batchnorm"
@@ -77,7 +90,7 @@ class ModelConfig(_Strict):
         return value
 
 
-class MethodConfig(_Strict):
+class MethodConfig(StrictModel):
     name: Literal["moco", "lecl"]
     lam: float = Field(0.0, ge=0, description="LeCL weight of the key-slice term (paper: 0, 1, 3, 5)")
     loss_variant: Literal["paper", "public"] = "paper"
@@ -88,7 +101,7 @@ class MethodConfig(_Strict):
     )
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     name: Literal["adamw", "lars", "sgd"] = "adamw"
     lr: float = Field(1e-4, gt=0, description="base learning rate per 256 images; scaled by batch_size / 256")
     weight_decay: float = Field(0.1, ge=0)
@@ -97,8 +110,8 @@ class OptimConfig(_Strict):
     amp: bool = True
 
 
-class PretrainConfig(_Strict):
-    run: RunConfig
+class PretrainConfig(StrictModel):
+    run: TrainingRunConfig
     data: DataConfig
     model: ModelConfig
     method: MethodConfig
@@ -130,11 +143,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, mod
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file") from exc
+        raise ConfigError("no such config file", path) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"not valid YAML: {exc}", path) from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config is a mapping of sections")
+        raise ConfigError("a config is a mapping of sections", path)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: use key.sub=value")
@@ -144,7 +157,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, mod
         config = model.model_validate(data)
     except ValidationError as exc:
         problems = "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: invalid config\n{problems}") from exc
+        raise ConfigError(f"invalid config\n{problems}", path) from exc
     return _resolve_paths(config, path.parent)
 
 

@@ -28,7 +28,7 @@ from CLEARLib.files import write_npy
 from CLEARLib.io import read_seed_table
 from CLEARLib.models import LinearHead, create_encoder
 
-from .config import OptimConfig, RunConfig, _Strict
+from .config import OptimConfig, StrictModel, TrainingRunConfig
 from .losses import fmcib_background_loss, nt_xent
 from .trainer import DistributedTrainer
 
@@ -37,7 +37,7 @@ PATCH = 50
 
 
 # ------------------------------------------------------------------------------------------ config
-class LesionData(_Strict):
+class LesionData(StrictModel):
     seeds: Path
     cache_dir: Path
     margin: int = Field(10, ge=0, le=20, description="voxels cached around the 50 mm patch (translations)")
@@ -45,21 +45,21 @@ class LesionData(_Strict):
     label_column: str = "label"
 
 
-class LesionModel(_Strict):
+class LesionModel(StrictModel):
     encoder_kwargs: dict = Field(default_factory=dict, description="fmcib_resnet50 overrides (tests: tiny nets)")
     hidden_dim: int = 2048
     projection_dim: int = 128
     init_bundle: Path | None = Field(None, description="fine-tuning: start from this lesion bundle's encoder")
 
 
-class LesionMethod(_Strict):
+class LesionMethod(StrictModel):
     loss: Literal["ntxent", "fmcib"] = "ntxent"
     temperature: float = Field(0.1, gt=0)
     crop_scale: tuple[float, float] = (0.5, 1.0)
 
 
-class LesionPretrainConfig(_Strict):
-    run: RunConfig
+class LesionPretrainConfig(StrictModel):
+    run: TrainingRunConfig
     data: LesionData
     model: LesionModel = LesionModel()
     method: LesionMethod = LesionMethod()

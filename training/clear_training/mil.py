@@ -26,7 +26,7 @@ from CLEARLib.models import ABMIL, ABMILEnsemble, probabilities
 from CLEARLib.outputs import attention_plot_png, figure_png
 from CLEARLib.progress import report, scaled
 
-from .config import _Strict
+from .config import RunConfig, StrictModel
 from .extract import feature_file, read_features
 from .metrics import bootstrap_ci, per_label_metrics
 
@@ -34,14 +34,7 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ config
-class MilRun(_Strict):
-    name: str
-    out_dir: Path
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-
-class MilData(_Strict):
+class MilData(StrictModel):
     features: Path
     table: Path
     case_column: str = "case_id"
@@ -73,7 +66,7 @@ class MilData(_Strict):
         return self
 
 
-class MilModel(_Strict):
+class MilModel(StrictModel):
     hidden_dim: int = 256
     attention_dim: int = 128
     gated: bool = False
@@ -81,7 +74,7 @@ class MilModel(_Strict):
     dropout_before_activation: bool = Field(False, description="the authors' head: Linear -> Dropout -> SiLU")
 
 
-class MilTrain(_Strict):
+class MilTrain(StrictModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     batch_size: int = Field(128, ge=1, description="bags per batch (padded, with masks)")
@@ -97,19 +90,19 @@ class MilTrain(_Strict):
     )
 
 
-class MilEvaluation(_Strict):
+class MilEvaluation(StrictModel):
     bootstrap: int = Field(1000, ge=0)
     attention_plots: int = Field(5, ge=0, description="attention-curve PNGs for the top cases of each label")
 
 
-class MilExport(_Strict):
+class MilExport(StrictModel):
     encoder_bundle: Path | None = Field(None, description="the bundle the features came from")
     name: str | None = None
     version: str = "0.1.0"
 
 
-class MilConfig(_Strict):
-    run: MilRun
+class MilConfig(StrictModel):
+    run: RunConfig
     data: MilData
     model: MilModel = MilModel()
     train: MilTrain = MilTrain()
@@ -329,9 +322,13 @@ def _predict(model, bags: Bags, index, device, batch_size: int, weights=None):
         for start in range(0, len(order), batch_size):
             where = order[start : start + batch_size]
             x, mask, y = bags.batch(index[where], device)
-            logits, att = model(x, mask)
-            loss_sum += float(_loss(logits.float(), y, bags.task, weights)) * len(where)
-            p = probabilities(logits.float(), bags.task).cpu().numpy()
+            if isinstance(model, ABMILEnsemble):  # averaged probabilities: no logits, no loss
+                p, att = model(x, mask)
+            else:
+                logits, att = model(x, mask)
+                loss_sum += float(_loss(logits.float(), y, bags.task, weights)) * len(where)
+                p = probabilities(logits.float(), bags.task)
+            p = p.float().cpu().numpy()
             for row, position in enumerate(where):
                 probs[position] = p[row]
                 attention[position] = att[row, : int(mask[row].sum())].cpu().numpy()

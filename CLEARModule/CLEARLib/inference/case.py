@@ -15,7 +15,7 @@ import torch
 from ..bundle import Bundle, load_bundle
 from ..errors import CLEARInputError
 from ..io import CTVolume, read_ct
-from ..models import probabilities as to_probabilities
+from ..models.abmil import head_probabilities
 from ..preprocess import SliceInstances
 from ..progress import ProgressCallback, report
 from .backends import SliceEncoderRunner
@@ -27,7 +27,6 @@ class CaseResult:
     probabilities: dict[str, float]
     attention: pd.DataFrame  # slice_index, window, z_mm, attention: one row per instance
     embeddings: np.ndarray  # [n_instances, feature_dim] float32, rows in attention's order
-    logits: np.ndarray
     labels: list[str]
     task: str
     bundle_name: str
@@ -107,15 +106,14 @@ class CasePredictor:
         return embeddings, instances.table()
 
     def score(self, embeddings: np.ndarray, table: dict | pd.DataFrame, timer=None):
-        """ABMIL on precomputed embeddings: (probabilities, attention array, logits)."""
+        """ABMIL on precomputed embeddings: (probabilities, attention array)."""
         if self.bundle.head is None:
             raise CLEARInputError("this bundle has no head (an encoder only); it gives features, not predictions")
         timer = timer or StageTimer(self.device)
         with timer("mil"), torch.inference_mode():
             features = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
-            logits, attention = self.bundle.head(features)
-            probs = to_probabilities(logits.float(), self.bundle.manifest.task)
-        return probs.cpu().numpy(), attention.float().cpu().numpy(), logits.float().cpu().numpy()
+            probs, attention = head_probabilities(self.bundle.head, features, self.bundle.manifest.task)
+        return probs.float().cpu().numpy(), attention.float().cpu().numpy()
 
     def predict(
         self, volume: CTVolume | str | os.PathLike, progress: ProgressCallback | None = None, cancel=None
@@ -143,7 +141,7 @@ class CasePredictor:
 
     def _result(self, embeddings, table, timings) -> CaseResult:
         timer = StageTimer(self.device)
-        probs, attention, logits = self.score(embeddings, table, timer)
+        probs, attention = self.score(embeddings, table, timer)
         frame = pd.DataFrame({k: np.asarray(v) for k, v in dict(table).items()})[["slice_index", "window", "z_mm"]]
         frame["attention"] = attention
         manifest = self.bundle.manifest
@@ -152,7 +150,6 @@ class CasePredictor:
             probabilities={label: float(p) for label, p in zip(labels, probs, strict=True)},
             attention=frame,
             embeddings=embeddings,
-            logits=logits,
             labels=labels,
             task=manifest.task,
             bundle_name=manifest.name,

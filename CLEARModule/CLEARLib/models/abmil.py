@@ -83,11 +83,9 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 
 class ABMILEnsemble(nn.Module):
-    """The models of a cross-validation, as one head: probabilities and attention averaged over members.
-
-    Returns "logits" whose probabilities (sigmoid or softmax, as the task says) are the members' mean
-    probabilities, so callers read it exactly like a single ABMIL.
-    """
+    """The models of a cross-validation, as one head. Its forward returns probabilities (the members' mean;
+    sigmoid or softmax as the task says), not logits, and the mean attention; `head_probabilities` reads
+    an ensemble and a single ABMIL alike."""
 
     def __init__(self, in_dim: int, n_outputs: int, n_members: int, task: str, **member_kwargs):
         super().__init__()
@@ -100,10 +98,16 @@ class ABMILEnsemble(nn.Module):
         outputs = [member(features, mask) for member in self.members]
         probs = torch.stack([probabilities(logits.float(), self.task) for logits, _ in outputs]).mean(0)
         attention = torch.stack([a for _, a in outputs]).mean(0)
-        eps = torch.finfo(probs.dtype).eps
-        probs = probs.clamp(eps, 1 - eps)
-        logits = torch.log(probs) if self.task == "multiclass" else torch.log(probs) - torch.log1p(-probs)
-        return logits, attention
+        return probs, attention
+
+
+def head_probabilities(head: nn.Module, features: torch.Tensor, task: str, mask: torch.Tensor | None = None):
+    """(probabilities, attention) of a case head: an ABMIL's logits through its task's link, or an
+    ensemble's averaged probabilities as they are."""
+    if isinstance(head, ABMILEnsemble):
+        return head(features, mask)
+    logits, attention = head(features, mask)
+    return probabilities(logits.float(), task), attention
 
 
 class LinearHead(nn.Module):
