@@ -14,12 +14,12 @@ import yaml
 
 from clear_training.cli import main as train_main
 from clear_training.config import load_config
+from clear_training.export import export_lesion_bundle
 from clear_training.lesion import (
     LesionFinetuner,
     LesionPretrainConfig,
     LesionPretrainer,
     SimCLRModel,
-    export_lesion_bundle,
     finetune_views,
     simclr_views,
 )

@@ -18,13 +18,15 @@ from clear_training.augment import ViewConfig, lesion_boxes, make_views
 from clear_training.cli import main as train_main
 from clear_training.config import ConfigError, load_config
 from clear_training.data import SliceStore, prepare_ct, prepare_deeplesion
+from clear_training.export import export_encoder
 from clear_training.losses import lecl_loss, lecl_loss_public_variant, moco_v3_loss
 from clear_training.moco import MoCo
-from clear_training.pretrain import Trainer, contrastive_loss, export_encoder
+from clear_training.pretrain import Trainer, contrastive_loss
 from CLEARLib.bundle import load_bundle
+from CLEARLib.errors import CLEARInputError
 from CLEARLib.io import write_volume
 from CLEARLib.phantom import make_phantom
-from CLEARLib.preprocess import InputSpec
+from CLEARLib.preprocess import InputSpec, resolve_windows
 
 TINY_ENCODER = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 
@@ -385,6 +387,12 @@ def test_tiny_pretraining_lowers_the_loss_and_exports_a_bundle(tmp_path, deeples
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(bundle.encoder(x), trainer.model.base_encoder(x))
+    assert bundle.windows == tuple(resolve_windows(config.data.windows)) and "lecl" in bundle.manifest.description
+    weights = trainer.model.base_encoder.state_dict()
+    foreign = {"state_dict": {f"module.base_encoder.{k}": v for k, v in weights.items()}}
+    torch.save(foreign, tmp_path / "moco.pth.tar")
+    with pytest.raises(CLEARInputError, match="not a CLEAR training checkpoint.*clear-ct convert"):
+        export_encoder(tmp_path / "moco.pth.tar", tmp_path / "foreign.zip")
     from CLEARLib.inference import CasePredictor
 
     volume, _ = phantom

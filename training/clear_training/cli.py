@@ -41,7 +41,8 @@ def cmd_prepare_ct(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from .config import load_config
-    from .pretrain import Trainer, export_encoder
+    from .export import export_encoder
+    from .pretrain import Trainer
 
     config = load_config(args.config, args.set)
     if args.check:
@@ -58,7 +59,8 @@ def cmd_pretrain(args) -> int:
 
 def _lesion_command(args, finetune: bool) -> int:
     from .config import load_config
-    from .lesion import LesionFinetuner, LesionPretrainConfig, LesionPretrainer, export_lesion_bundle
+    from .export import export_lesion_bundle
+    from .lesion import LesionFinetuner, LesionPretrainConfig, LesionPretrainer
 
     config = load_config(args.config, args.set, model=LesionPretrainConfig)
     if args.check:
@@ -83,7 +85,7 @@ def cmd_lesion_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pretrain import export_encoder
+    from .export import export_encoder
 
     print(f"wrote bundle {export_encoder(args.checkpoint, args.out, name=args.name)}")
     return 0

@@ -81,10 +81,11 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
 
     from .config import load_config
     from .data import prepare_ct
+    from .export import export_encoder, export_lesion_bundle
     from .extract import extract
-    from .lesion import LesionFinetuner, LesionPretrainConfig, export_lesion_bundle
+    from .lesion import LesionFinetuner, LesionPretrainConfig
     from .mil import MilConfig, run_mil
-    from .pretrain import Trainer, export_encoder
+    from .pretrain import Trainer
 
     torch.manual_seed(0)
     started = time.perf_counter()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -291,36 +290,3 @@ class LesionFinetuner(LesionPretrainer):
             logits = self.ddp(x)
         loss = F.cross_entropy(logits.float(), y)
         return loss, {"accuracy": float((logits.argmax(1) == y).float().mean())}
-
-
-def export_lesion_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, name: str | None = None) -> Path:
-    """A lesion pretraining or fine-tuning checkpoint as a lesion bundle (with its head when fine-tuned)."""
-    from CLEARLib.bundle import load_state_strict, save_bundle
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    config = state.get("config") or {}
-    kwargs = config.get("model", {}).get("encoder_kwargs", {})
-    weights = state["state_dict"]
-    encoder = create_encoder("fmcib_resnet50", **kwargs)
-    encoder_state = {k[len("encoder.") :]: v for k, v in weights.items() if k.startswith("encoder.")}
-    load_state_strict(encoder, encoder_state, "lesion encoder", checkpoint)
-    head, labels, task = None, None, None
-    head_state = {k[len("head.") :]: v for k, v in weights.items() if k.startswith("head.")}
-    if head_state:
-        classes = state.get("classes") or [str(i) for i in range(head_state["fc.weight"].shape[0])]
-        head = LinearHead(encoder.num_features, len(classes))
-        load_state_strict(head, head_state, "lesion head", checkpoint)
-        labels, task = list(classes), "multiclass"
-    run_name = config.get("run", {}).get("name", "lesion")
-    return save_bundle(
-        out,
-        name=name or run_name,
-        kind="lesion",
-        encoder=encoder,
-        head=head,
-        labels=labels,
-        task=task,
-        description="FMCIB-style lesion model trained with CLEAR (SimCLR pretraining"
-        + (", fine-tuned)" if head else ")"),
-        provenance={"checkpoint": Path(checkpoint).name, "global_step": state.get("global_step")},
-    )

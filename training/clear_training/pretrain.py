@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from CLEARLib.errors import CLEARInputError
 from CLEARLib.models import encoder_entry
 from CLEARLib.preprocess import resolve_windows
 
@@ -133,23 +130,3 @@ class Trainer(DistributedTrainer):
             q1, q2, k1, k2 = self.ddp(x1, x2, y1, y2, m)
         loss = contrastive_loss(q1.float(), q2.float(), k1.float(), k2.float(), is_key, self.config.method)
         return loss, {"momentum": m, "key_slices": int(is_key.sum())}
-
-
-def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, name: str | None = None) -> Path:
-    """The pretrained base encoder as an engine bundle, through the engine's own MoCo converter."""
-    from CLEARLib.bundle.convert import convert_moco
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    config = state.get("config")
-    if not isinstance(config, dict) or "model" not in config:
-        raise CLEARInputError("not a CLEAR pretraining checkpoint (no config)", checkpoint)
-    model_cfg, data_cfg = config["model"], config["data"]
-    return convert_moco(
-        checkpoint,
-        out,
-        model_cfg["encoder"],
-        name=name or config["run"]["name"],
-        windows=data_cfg["windows"],
-        input_size=data_cfg["image_size"],
-        encoder_kwargs=model_cfg["encoder_kwargs"],
-    )

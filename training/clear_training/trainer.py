@@ -33,6 +33,7 @@ from .optim import LARS, learning_rate
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
+CHECKPOINT_FORMAT = "clear-pretrain-v1"  # what clear_training.export reads
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -107,7 +108,7 @@ class DistributedTrainer:
     # -------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
         return {
-            "format": "clear-pretrain-v1",
+            "format": CHECKPOINT_FORMAT,
             "config": self.config.model_dump(mode="json"),
             "epoch": self.epoch,
             "step": self.step,
