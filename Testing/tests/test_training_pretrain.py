@@ -19,9 +19,9 @@ from clear_training.cli import main as train_main
 from clear_training.config import ConfigError, load_config
 from clear_training.data import SliceStore, prepare_ct, prepare_deeplesion
 from clear_training.export import export_encoder
-from clear_training.losses import lecl_loss, lecl_loss_public_variant, moco_v3_loss
+from clear_training.losses import SliceContrastiveLoss, lecl_loss, lecl_loss_public_variant, moco_v3_loss
 from clear_training.moco import MoCo
-from clear_training.pretrain import Trainer, contrastive_loss
+from clear_training.pretrain import Trainer
 from CLEARLib.bundle import load_bundle
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.io import write_volume
@@ -147,7 +147,7 @@ def _ddp_worker(rank, world, port, method, out):
     views, key = _batch()
     half = slice(rank * 4, rank * 4 + 4)
     q1, q2, k1, k2 = model(*(v[half] for v in views), 0.99)
-    loss = contrastive_loss(q1, q2, k1, k2, key[half], method)
+    loss = SliceContrastiveLoss.from_config(method)(q1, q2, k1, k2, key[half])
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
@@ -168,7 +168,7 @@ def test_two_process_ddp_equals_one_process_with_the_whole_batch(tmp_path, metho
     model = _tiny_moco()
     views, key = _batch()
     q1, q2, k1, k2 = model(*views, 0.99)
-    loss = contrastive_loss(q1, q2, k1, k2, key, method)
+    loss = SliceContrastiveLoss.from_config(method)(q1, q2, k1, k2, key)
     loss.backward()
     assert distributed["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

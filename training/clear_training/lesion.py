@@ -28,7 +28,7 @@ from CLEARLib.io import read_seed_table
 from CLEARLib.models import LinearHead, create_encoder
 
 from .config import OptimConfig, StrictModel, TrainingRunConfig
-from .losses import fmcib_background_loss, nt_xent
+from .losses import LesionContrastiveLoss
 from .trainer import DistributedTrainer
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,12 @@ class SimCLRModel(nn.Module):
 # -------------------------------------------------------------------------------------- trainers
 class LesionPretrainer(DistributedTrainer):
     @property
+    def loss(self) -> LesionContrastiveLoss:
+        return LesionContrastiveLoss.from_config(self.config.method)
+
+    @property
     def views_per_item(self) -> int:  # two views of the lesion, and for FMCIB's loss two of a background patch
-        return 4 if self.config.method.loss == "fmcib" else 2
+        return self.loss.views_per_item
 
     def prepare_data(self) -> int:
         self.seeds = read_seed_table(self.config.data.seeds)
@@ -226,18 +230,13 @@ class LesionPretrainer(DistributedTrainer):
         background = regions[torch.arange(len(rows), device=self.device), pick][:, None]
         margin, scale = self.config.data.margin, self.config.method.crop_scale
         views = [simclr_views(lesion, margin, scale, generator) for _ in range(2)]
-        if self.config.method.loss == "fmcib":
-            views += [simclr_views(background, margin, scale, generator) for _ in range(2)]
+        views += [simclr_views(background, margin, scale, generator) for _ in range(self.views_per_item - 2)]
         return tuple(views)
 
     def compute_loss(self, batch, epoch_f):
         with self.autocast():
             z = [v.float() for v in self.ddp(*batch)]
-        method = self.config.method
-        if method.loss == "fmcib":
-            loss = fmcib_background_loss(*z, method.temperature)
-        else:
-            loss = nt_xent(*z, method.temperature)
+        loss = self.loss(*z)
         return loss, {}
 
 

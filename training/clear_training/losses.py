@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .distributed import gather_no_grad, gather_with_grad, rank_and_world
 
@@ -113,3 +114,53 @@ def fmcib_background_loss(
     negative = negative.masked_fill(own, float("-inf"))
     logits = torch.cat([positive, negative], dim=1)
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+# ------------------------------------------------------------------------ the losses as modules
+class SliceContrastiveLoss(nn.Module):
+    """The slice-encoder pretraining loss a config asks for (MoCo v3; LeCL as the paper writes it or as
+    the authors' code has it), used symmetrically: loss(q1, k2) + loss(q2, k1)."""
+
+    def __init__(self, name: str, tau: float, lam: float = 0.0, variant: str = "paper"):
+        super().__init__()
+        if name not in ("moco", "lecl") or variant not in ("paper", "public"):
+            raise ValueError(f"unknown slice loss {name!r} / variant {variant!r}")
+        self.name, self.tau, self.lam, self.variant = name, tau, lam, variant
+
+    @classmethod
+    def from_config(cls, method) -> SliceContrastiveLoss:
+        return cls(method.name, method.tau, method.lam, method.loss_variant)
+
+    def pair(self, q: torch.Tensor, k: torch.Tensor, is_key: torch.Tensor) -> torch.Tensor:
+        if self.name == "moco":
+            return moco_v3_loss(q, k, self.tau)
+        if self.variant == "public":
+            return lecl_loss_public_variant(q, k, is_key, self.lam, self.tau)
+        return lecl_loss(q, k, is_key, self.lam, self.tau)
+
+    def forward(self, q1, q2, k1, k2, is_key) -> torch.Tensor:
+        return self.pair(q1, k2, is_key) + self.pair(q2, k1, is_key)
+
+
+class LesionContrastiveLoss(nn.Module):
+    """The lesion SimCLR loss a config asks for: NT-Xent on two lesion views, or FMCIB's InfoNCE whose
+    negatives are background views (then forward takes the two background views too)."""
+
+    def __init__(self, name: str, temperature: float):
+        super().__init__()
+        if name not in ("ntxent", "fmcib"):
+            raise ValueError(f"unknown lesion loss {name!r}")
+        self.name, self.temperature = name, temperature
+
+    @classmethod
+    def from_config(cls, method) -> LesionContrastiveLoss:
+        return cls(method.loss, method.temperature)
+
+    @property
+    def views_per_item(self) -> int:
+        return 4 if self.name == "fmcib" else 2
+
+    def forward(self, *views: torch.Tensor) -> torch.Tensor:
+        if self.name == "fmcib":
+            return fmcib_background_loss(*views, self.temperature)
+        return nt_xent(*views, self.temperature)

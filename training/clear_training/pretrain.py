@@ -14,7 +14,7 @@ from CLEARLib.preprocess import resolve_windows
 from .augment import SlicePyramid, ViewConfig, lesion_boxes, make_views, random_resized_boxes
 from .config import PretrainConfig
 from .data.store import SliceStore
-from .losses import lecl_loss, lecl_loss_public_variant, moco_v3_loss
+from .losses import SliceContrastiveLoss
 from .moco import MoCo
 from .optim import momentum
 from .trainer import DistributedTrainer
@@ -80,17 +80,6 @@ class Batcher:
         return x1, x2, y1, y2, is_key
 
 
-def contrastive_loss(q1, q2, k1, k2, is_key, method) -> torch.Tensor:
-    """Symmetric use: loss(q1, k2) + loss(q2, k1)."""
-    if method.name == "moco":
-        pair = lambda q, k: moco_v3_loss(q, k, method.tau)  # noqa: E731
-    elif method.loss_variant == "public":
-        pair = lambda q, k: lecl_loss_public_variant(q, k, is_key, method.lam, method.tau)  # noqa: E731
-    else:
-        pair = lambda q, k: lecl_loss(q, k, is_key, method.lam, method.tau)  # noqa: E731
-    return pair(q1, k2) + pair(q2, k1)
-
-
 class Trainer(DistributedTrainer):
     """MoCo v3 / LeCL on the slice store."""
 
@@ -128,5 +117,7 @@ class Trainer(DistributedTrainer):
             m = momentum(epoch_f, method.momentum, self.config.run.epochs)
         with self.autocast():
             q1, q2, k1, k2 = self.ddp(x1, x2, y1, y2, m)
-        loss = contrastive_loss(q1.float(), q2.float(), k1.float(), k2.float(), is_key, self.config.method)
+        loss = SliceContrastiveLoss.from_config(self.config.method)(
+            q1.float(), q2.float(), k1.float(), k2.float(), is_key
+        )
         return loss, {"momentum": m, "key_slices": int(is_key.sum())}
