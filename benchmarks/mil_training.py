@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from _memory import reset_peak_rss, rss_mb
 
-from clear_training.mil import Bags, MilConfig, run_mil
+from clear_training.config import MilConfig
+from clear_training.mil import Bags, run_mil
 
 
 def main() -> None:

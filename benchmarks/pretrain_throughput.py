@@ -20,10 +20,10 @@ import yaml
 from PIL import Image
 from torchvision import transforms
 
-from clear_training.augment import SlicePyramid, ViewConfig, make_views
 from clear_training.config import load_config
 from clear_training.data import SliceRecord, SliceStore, SliceStoreWriter
 from clear_training.pretrain import Trainer
+from clear_training.views import SlicePyramid, ViewConfig, make_views
 from CLEARLib.phantom import make_phantom
 
 

@@ -13,17 +13,12 @@ import torch.multiprocessing as mp
 import yaml
 
 from clear_training.cli import main as train_main
-from clear_training.config import load_config
+from clear_training.config import LesionPretrainConfig, load_config
 from clear_training.export import export_lesion_bundle
-from clear_training.lesion import (
-    LesionFinetuner,
-    LesionPretrainConfig,
-    LesionPretrainer,
-    SimCLRModel,
-    finetune_views,
-    simclr_views,
-)
+from clear_training.lesion import LesionFinetuner, LesionPretrainer
 from clear_training.losses import fmcib_background_loss, nt_xent
+from clear_training.models import SimCLRModel
+from clear_training.views import finetune_views, simclr_views
 from CLEARLib.bundle import load_bundle
 from CLEARLib.cli import main as ct_main
 from CLEARLib.io import write_volume

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from clear_training.config import load_config
+from clear_training.config import MilConfig, load_config
 from clear_training.extract import extract, read_features, write_features
-from clear_training.mil import MilConfig, run_mil
+from clear_training.mil import run_mil
 from CLEARLib.bundle import load_bundle
 from CLEARLib.inference import CasePredictor
 from CLEARLib.io import write_volume

@@ -14,14 +14,14 @@ import torch.multiprocessing as mp
 import yaml
 from deeplesion_factory import write_deeplesion
 
-from clear_training.augment import ViewConfig, lesion_boxes, make_views
 from clear_training.cli import main as train_main
 from clear_training.config import ConfigError, load_config
 from clear_training.data import SliceStore, prepare_ct, prepare_deeplesion
 from clear_training.export import export_encoder
 from clear_training.losses import SliceContrastiveLoss, lecl_loss, lecl_loss_public_variant, moco_v3_loss
-from clear_training.moco import MoCo
+from clear_training.models import MoCo
 from clear_training.pretrain import Trainer
+from clear_training.views import ViewConfig, lesion_boxes, make_views
 from CLEARLib.bundle import load_bundle
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.io import write_volume
@@ -93,7 +93,7 @@ def test_lecl_with_lambda_zero_is_moco():
 
 
 def test_moco_heads_and_vit_initialisation_follow_moco_v3():
-    from clear_training.moco import MoCo
+    from clear_training.models import MoCo
 
     model = MoCo("mambaout_femto", TINY_ENCODER, dim=16, mlp_dim=32)
     last = model.predictor[-1]
@@ -299,7 +299,7 @@ def test_authors_lesion_crop_side_in_pixels():
 
 def test_moco_v3_colour_augmentations():
     """The authors' views: brightness and contrast jitter as torchvision's ColorJitter, solarisation."""
-    from clear_training.augment import _color_jitter
+    from clear_training.views import _color_jitter
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(400, 1, 8, 8) * 0.5 + 0.25
@@ -469,7 +469,7 @@ def test_constant_momentum_and_adam_betas_reach_the_trainer(tmp_path, deeplesion
 def test_crop_grid_equals_affine_grid():
     import torch.nn.functional as F
 
-    from clear_training.augment import _crop_grid
+    from clear_training.views import _crop_grid
 
     boxes = torch.tensor([[0.1, -0.2, 0.5, 0.7], [0.0, 0.0, 1.0, 1.0], [-0.3, 0.4, 0.2, 0.9]])
     hflip, vflip = torch.tensor([True, False, True]), torch.tensor([False, True, True])

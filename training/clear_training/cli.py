@@ -58,9 +58,9 @@ def cmd_pretrain(args) -> int:
 
 
 def _lesion_command(args, finetune: bool) -> int:
-    from .config import load_config
+    from .config import LesionPretrainConfig, load_config
     from .export import export_lesion_bundle
-    from .lesion import LesionFinetuner, LesionPretrainConfig, LesionPretrainer
+    from .lesion import LesionFinetuner, LesionPretrainer
 
     config = load_config(args.config, args.set, model=LesionPretrainConfig)
     if args.check:
@@ -111,8 +111,8 @@ def cmd_extract(args) -> int:
 
 
 def cmd_mil(args) -> int:
-    from .config import load_config
-    from .mil import MilConfig, run_mil
+    from .config import MilConfig, load_config
+    from .mil import run_mil
 
     config = load_config(args.config, args.set, model=MilConfig)
     if args.check:

@@ -126,6 +126,116 @@ class PretrainConfig(StrictModel):
         return self
 
 
+# --------------------------------------------------------------------- 3D lesion model (FMCIB recipe)
+class LesionData(StrictModel):
+    seeds: Path
+    cache_dir: Path
+    margin: int = Field(10, ge=0, le=20, description="voxels cached around the 50 mm patch (translations)")
+    negatives_per_seed: int = Field(4, ge=1)
+    label_column: str = "label"
+
+
+class LesionModel(StrictModel):
+    encoder_kwargs: dict = Field(default_factory=dict, description="fmcib_resnet50 overrides (tests: tiny nets)")
+    hidden_dim: int = 2048
+    projection_dim: int = 128
+    init_bundle: Path | None = Field(None, description="fine-tuning: start from this lesion bundle's encoder")
+
+
+class LesionMethod(StrictModel):
+    loss: Literal["ntxent", "fmcib"] = "ntxent"
+    temperature: float = Field(0.1, gt=0)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+
+
+class LesionPretrainConfig(StrictModel):
+    run: TrainingRunConfig
+    data: LesionData
+    model: LesionModel = LesionModel()
+    method: LesionMethod = LesionMethod()
+    optim: OptimConfig = OptimConfig(name="lars", lr=0.3, weight_decay=1e-6, batch_size=64)
+
+
+# ------------------------------------------------------------------------------------ ABMIL studies
+class MilData(StrictModel):
+    features: Path
+    table: Path
+    case_column: str = "case_id"
+    patient_column: str = "patient_id"
+    task: Literal["multilabel", "multiclass", "binary"]
+    labels: list[str] = Field(min_length=1, description="label columns (multilabel/binary) or class names")
+    label_column: str | None = Field(None, description="multiclass: the column holding the class name")
+    windows: list[str] | None = Field(None, description="use only these windows' instances (default: all)")
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    test_split: Path | None = Field(
+        None,
+        description="DeepLesion: the pretraining hold-out that prepare-deeplesion saved (<store>-splits.csv); its "
+        "test patients are the test set (test_fraction is not used) and the folds come from the rest",
+    )
+    pretrain_store: Path | None = Field(
+        None, description="the slice store the encoder was pretrained on: a test patient found in it stops the run"
+    )
+    folds: int = Field(5, ge=2)
+    nested: bool = Field(False, description="small cohorts: outer folds are the test sets, no separate test set")
+
+    @model_validator(mode="after")
+    def _task(self):
+        if self.task == "multiclass" and (not self.label_column or len(self.labels) < 2):
+            raise ValueError("multiclass needs label_column and at least two class names in labels")
+        if self.task == "binary" and len(self.labels) != 1:
+            raise ValueError("binary needs exactly one label column")
+        if self.nested and self.test_split is not None:
+            raise ValueError("nested cross-validation draws its own test sets; it cannot use a fixed test_split")
+        return self
+
+
+class MilModel(StrictModel):
+    hidden_dim: int = 256
+    attention_dim: int = 128
+    gated: bool = False
+    dropout: float = Field(0.25, ge=0, lt=1)
+    dropout_before_activation: bool = Field(False, description="the authors' head: Linear -> Dropout -> SiLU")
+
+
+class MilTrain(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    batch_size: int = Field(128, ge=1, description="bags per batch (padded, with masks)")
+    epochs: int = Field(32, ge=1)
+    patience: int = Field(8, ge=1, description="early stopping: epochs without validation-loss improvement")
+    class_balanced: bool = Field(
+        False,
+        description="weight the loss by class balance of the training cases (the authors' code): BCE positives by "
+        "negatives/positives per label; cross-entropy classes by inverse frequency",
+    )
+    amp: bool = Field(
+        True, description="bf16 autocast where the hardware has fast bf16 (CUDA, or CPUs with AVX512-BF16/AMX)"
+    )
+
+
+class MilEvaluation(StrictModel):
+    bootstrap: int = Field(1000, ge=0)
+    attention_plots: int = Field(5, ge=0, description="attention-curve PNGs for the top cases of each label")
+
+
+class MilExport(StrictModel):
+    encoder_bundle: Path | None = Field(None, description="the bundle the features came from")
+    name: str | None = None
+    version: str = "0.1.0"
+
+
+class MilConfig(StrictModel):
+    run: RunConfig
+    data: MilData
+    model: MilModel = MilModel()
+    train: MilTrain = MilTrain()
+    evaluation: MilEvaluation = MilEvaluation()
+    export: MilExport = MilExport()
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
 def _set(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data

@@ -79,12 +79,12 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
 
     from CLEARLib.inference import CasePredictor, LesionPredictor
 
-    from .config import load_config
+    from .config import LesionPretrainConfig, MilConfig, load_config
     from .data import prepare_ct
     from .export import export_encoder, export_lesion_bundle
     from .extract import extract
-    from .lesion import LesionFinetuner, LesionPretrainConfig
-    from .mil import MilConfig, run_mil
+    from .lesion import LesionFinetuner
+    from .mil import run_mil
     from .pretrain import Trainer
 
     torch.manual_seed(0)

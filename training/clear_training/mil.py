@@ -10,13 +10,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from sklearn.model_selection import StratifiedGroupKFold
 
 from CLEARLib.errors import CLEARInputError
@@ -26,7 +24,7 @@ from CLEARLib.models import ABMIL, ABMILEnsemble, probabilities
 from CLEARLib.outputs import attention_plot_png, figure_png
 from CLEARLib.progress import report, scaled
 
-from .config import RunConfig, StrictModel
+from .config import MilConfig, MilData
 from .extract import feature_file, read_features
 from .metrics import bootstrap_ci, per_label_metrics
 
@@ -34,83 +32,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ config
-class MilData(StrictModel):
-    features: Path
-    table: Path
-    case_column: str = "case_id"
-    patient_column: str = "patient_id"
-    task: Literal["multilabel", "multiclass", "binary"]
-    labels: list[str] = Field(min_length=1, description="label columns (multilabel/binary) or class names")
-    label_column: str | None = Field(None, description="multiclass: the column holding the class name")
-    windows: list[str] | None = Field(None, description="use only these windows' instances (default: all)")
-    test_fraction: float = Field(0.2, ge=0, lt=1)
-    test_split: Path | None = Field(
-        None,
-        description="DeepLesion: the pretraining hold-out that prepare-deeplesion saved (<store>-splits.csv); its "
-        "test patients are the test set (test_fraction is not used) and the folds come from the rest",
-    )
-    pretrain_store: Path | None = Field(
-        None, description="the slice store the encoder was pretrained on: a test patient found in it stops the run"
-    )
-    folds: int = Field(5, ge=2)
-    nested: bool = Field(False, description="small cohorts: outer folds are the test sets, no separate test set")
-
-    @model_validator(mode="after")
-    def _task(self):
-        if self.task == "multiclass" and (not self.label_column or len(self.labels) < 2):
-            raise ValueError("multiclass needs label_column and at least two class names in labels")
-        if self.task == "binary" and len(self.labels) != 1:
-            raise ValueError("binary needs exactly one label column")
-        if self.nested and self.test_split is not None:
-            raise ValueError("nested cross-validation draws its own test sets; it cannot use a fixed test_split")
-        return self
-
-
-class MilModel(StrictModel):
-    hidden_dim: int = 256
-    attention_dim: int = 128
-    gated: bool = False
-    dropout: float = Field(0.25, ge=0, lt=1)
-    dropout_before_activation: bool = Field(False, description="the authors' head: Linear -> Dropout -> SiLU")
-
-
-class MilTrain(StrictModel):
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    batch_size: int = Field(128, ge=1, description="bags per batch (padded, with masks)")
-    epochs: int = Field(32, ge=1)
-    patience: int = Field(8, ge=1, description="early stopping: epochs without validation-loss improvement")
-    class_balanced: bool = Field(
-        False,
-        description="weight the loss by class balance of the training cases (the authors' code): BCE positives by "
-        "negatives/positives per label; cross-entropy classes by inverse frequency",
-    )
-    amp: bool = Field(
-        True, description="bf16 autocast where the hardware has fast bf16 (CUDA, or CPUs with AVX512-BF16/AMX)"
-    )
-
-
-class MilEvaluation(StrictModel):
-    bootstrap: int = Field(1000, ge=0)
-    attention_plots: int = Field(5, ge=0, description="attention-curve PNGs for the top cases of each label")
-
-
-class MilExport(StrictModel):
-    encoder_bundle: Path | None = Field(None, description="the bundle the features came from")
-    name: str | None = None
-    version: str = "0.1.0"
-
-
-class MilConfig(StrictModel):
-    run: RunConfig
-    data: MilData
-    model: MilModel = MilModel()
-    train: MilTrain = MilTrain()
-    evaluation: MilEvaluation = MilEvaluation()
-    export: MilExport = MilExport()
-
-
-# -------------------------------------------------------------------------------------------- data
 class Bags:
     """All cases' features in memory (float16), targets, and patient ids."""
 

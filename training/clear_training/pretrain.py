@@ -11,13 +11,13 @@ import torch
 from CLEARLib.models import encoder_entry
 from CLEARLib.preprocess import resolve_windows
 
-from .augment import SlicePyramid, ViewConfig, lesion_boxes, make_views, random_resized_boxes
 from .config import PretrainConfig
 from .data.store import SliceStore
 from .losses import SliceContrastiveLoss
-from .moco import MoCo
+from .models import MoCo
 from .optim import momentum
 from .trainer import DistributedTrainer
+from .views import SlicePyramid, ViewConfig, lesion_boxes, make_views, random_resized_boxes
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""MoCo v3 model for slice encoders: base encoder + projector + predictor, momentum encoder + projector.
+"""The training models: MoCo v3 for slice encoders (base encoder + projector + predictor, momentum encoder +
+projector), and SimCLR and a classifier for the 3D lesion encoder.
 
 Tensor names: `base_encoder.*` is exactly the engine encoder (so the engine's MoCo converter exports
 it), `base_projector.*`, `predictor.*`, `momentum_encoder.*`, `momentum_projector.*`.
@@ -12,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from CLEARLib.models import create_encoder, encoder_entry
+from CLEARLib.models import LinearHead, create_encoder, encoder_entry
 
 
 def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool, norm: str) -> nn.Sequential:
@@ -102,3 +103,32 @@ class MoCo(nn.Module):
             k1 = self.momentum_projector(self.momentum_encoder(y1))
             k2 = self.momentum_projector(self.momentum_encoder(y2))
         return q1, q2, k1, k2
+
+
+# --------------------------------------------------------------------------- 3D lesion models
+class SimCLRModel(nn.Module):
+    """FMCIB's SimCLR: the lesion encoder and a two-layer projection head."""
+
+    def __init__(self, encoder_kwargs: dict, hidden_dim: int, projection_dim: int):
+        super().__init__()
+        self.encoder = create_encoder("fmcib_resnet50", **encoder_kwargs)
+        self.projector = nn.Sequential(
+            nn.Linear(self.encoder.num_features, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, projection_dim),
+        )
+
+    def forward(self, *views):
+        return [self.projector(self.encoder(v)) for v in views]
+
+
+class LesionClassifier(nn.Module):
+    """The lesion encoder and a linear head, for fine-tuning."""
+
+    def __init__(self, encoder_kwargs: dict, n_classes: int):
+        super().__init__()
+        self.encoder = create_encoder("fmcib_resnet50", **encoder_kwargs)
+        self.head = LinearHead(self.encoder.num_features, n_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))

@@ -1,10 +1,13 @@
-"""Contrastive views made on batched tensors (on the GPU when present), not per image in PIL.
+"""Views for contrastive training, made on batched tensors (on the GPU when present), not per image in PIL.
 
 Input: a batch of HU slices [B, H, W] (int16 from the slice store) with a window per sample.
 Geometry (random resized crop, flips, and LeCL's lesion-centred crop) is one sampling grid per sample,
 applied by `grid_sample` to the whole batch (from a 2x pooled level when a crop shrinks, against
 aliasing); intensity augmentations are per-sample tensors broadcast over the batch. All randomness
 comes from an explicit `torch.Generator`, so a step can be replayed exactly on resume.
+
+3D lesion views (FMCIB's SimCLR recipe) crop, flip, smooth (MONAI's Gaussian filter) and shift the
+histogram of batches of cached lesion regions the same way.
 """
 
 from __future__ import annotations
@@ -211,3 +214,83 @@ def make_views(
     mean = torch.tensor(cfg.spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.spec.std, device=device).view(1, -1, 1, 1)
     return (x.expand(-1, cfg.spec.channels, -1, -1) - mean) / std
+
+
+# ------------------------------------------------------------------- 3D lesion views (FMCIB recipe)
+PATCH = 50  # voxels (1 mm) of FMCIB's lesion patch
+
+
+def gaussian_smooth3d(x: torch.Tensor, sigma_xyz) -> torch.Tensor:
+    """MONAI's Gaussian filter (what its RandGaussianSmooth applies) with one sigma per axis, in voxels."""
+    from monai.networks.layers import GaussianFilter
+
+    # Patches are [B, 1, z, y, x]: MONAI's spatial dims run in array order, so x's sigma goes last.
+    sigma = [float(v) for v in reversed(list(sigma_xyz))]
+    return GaussianFilter(spatial_dims=3, sigma=sigma).to(x.device)(x)
+
+
+def histogram_shift(x: torch.Tensor, generator, n_points: int = 6, amount: float = 0.05) -> torch.Tensor:
+    """A random monotone piecewise-linear intensity map per sample (MONAI's RandHistogramShift idea)."""
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        lo, hi = float(x[b].min()), float(x[b].max())
+        if hi <= lo:
+            out[b] = x[b]
+            continue
+        xp = torch.linspace(lo, hi, n_points, device=x.device)
+        fp = xp.clone()
+        jitter = (torch.rand(n_points - 2, generator=generator, device=x.device) * 2 - 1) * amount * (hi - lo)
+        fp[1:-1] = torch.sort(fp[1:-1] + jitter).values
+        idx = torch.bucketize(x[b].clamp(lo, hi), xp).clamp(1, n_points - 1)
+        x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+        out[b] = y0 + (x[b] - x0) * (y1 - y0) / (x1 - x0)
+    return out
+
+
+def simclr_views(regions: torch.Tensor, margin: int, scale, generator) -> torch.Tensor:
+    """[B, 1, S, S, S] cached regions -> [B, 1, 50, 50, 50] views, FMCIB's SimCLR augmentations:
+    random resized crop of the central patch (each axis scaled by one factor drawn from `scale`, MONAI
+    RandScaleCrop semantics: 0.5 on 50^3 is 25^3, resized back to 50^3), a flip along one random axis
+    with p 0.5, histogram shift with p 0.5, and Gaussian smoothing with p 0.5 and sigma drawn per axis
+    from 0.25-1.5 voxels."""
+    b, s = regions.shape[0], regions.shape[-1]
+    device = regions.device
+    factor = torch.rand(b, generator=generator, device=device) * (scale[1] - scale[0]) + scale[0]
+    side = PATCH * factor  # voxels of the crop along every axis
+    half = side / s  # normalised half-extent of the crop within the region
+    room = (PATCH - side) / s  # the crop stays inside the central 50 mm patch
+    centre = (torch.rand(b, 3, generator=generator, device=device) * 2 - 1) * room[:, None]
+    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    flip_axis = torch.randint(0, 3, (b,), generator=generator, device=device)
+    signs = torch.ones(b, 3, device=device)
+    signs[flip, flip_axis[flip]] = -1.0
+    theta = torch.zeros(b, 3, 4, device=device)
+    for axis in range(3):
+        theta[:, axis, axis] = half * signs[:, axis]
+        theta[:, axis, 3] = centre[:, axis]
+    grid = F.affine_grid(theta, [b, 1, PATCH, PATCH, PATCH], align_corners=False)
+    x = F.grid_sample(regions, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    shift = torch.rand(b, generator=generator, device=device) < 0.5
+    if shift.any():
+        x[shift] = histogram_shift(x[shift], generator)
+    smooth = torch.rand(b, generator=generator, device=device) < 0.5
+    sigmas = torch.rand(b, 3, generator=generator, device=device) * 1.25 + 0.25
+    for i in torch.nonzero(smooth).flatten().tolist():
+        x[i : i + 1] = gaussian_smooth3d(x[i : i + 1], sigmas[i].tolist())
+    return x
+
+
+def finetune_views(regions: torch.Tensor, margin: int, generator) -> torch.Tensor:
+    """FMCIB's fine-tuning augmentations: translations of up to `margin` voxels, axis flips and
+    90-degree rotations."""
+    out = []
+    for r in regions:
+        shift = torch.randint(0, 2 * margin + 1, (3,), generator=generator).tolist()
+        x = r[:, shift[0] : shift[0] + PATCH, shift[1] : shift[1] + PATCH, shift[2] : shift[2] + PATCH]
+        for axis in range(3):
+            if float(torch.rand(1, generator=generator)) < 0.5:
+                x = x.flip(1 + axis)
+        k = int(torch.randint(0, 4, (1,), generator=generator))
+        plane = [(1, 2), (1, 3), (2, 3)][int(torch.randint(0, 3, (1,), generator=generator))]
+        out.append(torch.rot90(x, k, plane))
+    return torch.stack(out)
