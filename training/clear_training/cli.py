@@ -198,6 +198,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_model_input_out(parser: argparse.ArgumentParser, model_help: str, table: tuple[str, str], out_help: str):
+    """--model, the input table option, --out and --device of the extraction commands."""
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument(table[0], required=True, help=table[1])
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--device", default="auto", help="auto, cpu or gpu")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see training/configs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.lam=3")
@@ -239,10 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("extract", help="slice features of a cohort, one HDF5 per case (torchrun: sharded)")
-    p.add_argument("--model", required=True, help="case or encoder bundle")
-    p.add_argument("--cohort", required=True, help="CSV: case_id, path[, format, spacing_x/y/z]")
-    p.add_argument("--out", required=True, help="feature folder")
-    p.add_argument("--device", default="auto")
+    _add_model_input_out(p, "case or encoder bundle", ("--cohort", "cohort table: path[, case_id, patient_id, "
+                         "format, spacing_x/y/z]"), "feature folder")  # fmt: skip
     p.add_argument("--batch-size", type=int)
     add_backend_options(p)
     p.set_defaults(func=cmd_extract)
@@ -252,10 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mil)
 
     p = sub.add_parser("extract-lesions", help="lesion-bundle features at the seeds of a seed table")
-    p.add_argument("--model", required=True, help="lesion bundle")
-    p.add_argument("--seeds", required=True, help="CSV: image_path, coordX, coordY, coordZ (LPS mm)[, label]")
-    p.add_argument("--out", required=True, help="features .h5")
-    p.add_argument("--device", default="auto")
+    seeds_help = "CSV: image_path, coordX, coordY, coordZ (LPS mm)[, label, case_id]"
+    _add_model_input_out(p, "lesion bundle", ("--seeds", seeds_help), "features .h5")
     p.set_defaults(func=cmd_extract_lesions)
 
     p = sub.add_parser("probe", help="linear probe (logistic regression, C by CV) with bootstrap CIs")

@@ -74,6 +74,11 @@ def _yaml(path: Path, data: dict) -> Path:
     return path
 
 
+def _short_run(name: str, out_dir: Path, epochs: int) -> dict:
+    """The run section of the demo's short trainings: no warm-up, a log line every 5 steps."""
+    return {"name": name, "out_dir": str(out_dir), "epochs": epochs, "warmup_epochs": 0, "log_every_steps": 5}
+
+
 def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: bool = False) -> dict:
     import torch
 
@@ -144,13 +149,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     pretrain_cfg = _yaml(
         out / "pretrain.yaml",
         {
-            "run": {
-                "name": "demo-encoder",
-                "out_dir": str(out / "pretrain"),
-                "epochs": size.pretrain_epochs,
-                "warmup_epochs": 0,
-                "log_every_steps": 5,
-            },
+            "run": _short_run("demo-encoder", out / "pretrain", size.pretrain_epochs),
             "data": {"store": str(data / "store"), "image_size": size.image_size},
             "model": {
                 "encoder": "mambaout_femto",
@@ -231,13 +230,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     lesion_cfg = _yaml(
         out / "lesion.yaml",
         {
-            "run": {
-                "name": "demo-lesion",
-                "out_dir": str(out / "lesion"),
-                "epochs": size.lesion_epochs,
-                "warmup_epochs": 0,
-                "log_every_steps": 5,
-            },
+            "run": _short_run("demo-lesion", out / "lesion", size.lesion_epochs),
             "data": {
                 "seeds": str(data / "seeds.csv"),
                 "cache_dir": str(data / "lesion_cache"),
