@@ -123,9 +123,9 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = CLEARLogic()
 
         # Catalog names from the JSON alone: nothing that needs the Python requirements runs at set-up.
-        from CLEARLib.resources import extension_file
+        from CLEARLib.resources import module_resource
 
-        catalog = json.loads(extension_file("models.json").read_text())
+        catalog = json.loads(module_resource("models.json").read_text())
         names = [m["name"] for m in catalog.get("models", []) if m.get("kind") == "case"]
         self.ui.modelComboBox.addItems(names + [LOCAL_BUNDLE])
         from CLEARLib.io.deeplesion import LESION_TYPES

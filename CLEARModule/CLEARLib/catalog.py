@@ -1,4 +1,4 @@
-"""The model catalog (CLEARExtension/models.json): downloadable bundles with url and sha256, cached.
+"""The model catalog (CLEARModule/Resources/models.json): downloadable bundles with url and sha256, cached.
 
 A download goes to a temporary file, is checked against the catalog's sha256 and size, and only then
 renamed into the cache, so a cached bundle is always a verified one.
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import CLEARInputError
 from .files import atomic_path
-from .resources import extension_file
+from .resources import module_resource
 
 CATALOG_VERSION = 1
 
@@ -46,7 +46,7 @@ class Catalog(BaseModel):
 
 
 def default_catalog_path() -> Path:
-    return extension_file("models.json")
+    return module_resource("models.json")
 
 
 def cache_root() -> Path:

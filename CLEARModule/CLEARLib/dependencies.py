@@ -11,13 +11,13 @@ import os
 import re
 from pathlib import Path
 
-from .resources import extension_file
+from .resources import module_resource
 
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*?)\s*$")
 
 
 def requirements_path() -> Path:
-    return extension_file("requirements.txt")
+    return module_resource("requirements.txt")
 
 
 def read_requirements(path: str | os.PathLike | None = None) -> list[str]:

@@ -1,17 +1,18 @@
-"""Where the extension-level files (CLEARExtension/: model catalog, Slicer requirements) are found:
-in a Slicer build or install they are copied next to the module (Resources/CLEARExtension/, see
-CLEARModule/CMakeLists.txt); in a source checkout they are read from CLEARExtension/ itself."""
+"""The module's run-time resources (CLEARModule/Resources/: model catalog, Slicer-side requirements).
+
+They sit beside the module in the source tree and, as MODULE_PYTHON_RESOURCES, in every Slicer build and
+install, so there is one place to look.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-_LIB = Path(__file__).resolve().parent
+RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 
 
-def extension_file(name: str) -> Path:
-    candidates = [_LIB.parent / "Resources" / "CLEARExtension" / name, _LIB.parents[1] / "CLEARExtension" / name]
-    for path in candidates:
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"{name} not found; looked in {', '.join(str(p.parent) for p in candidates)}")
+def module_resource(name: str) -> Path:
+    path = RESOURCES / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: a resource of the CLEAR module is missing; reinstall the extension")
+    return path

@@ -32,10 +32,14 @@ def test_module_cmake_lists_every_engine_file_and_resource():
     present = {str(p.relative_to(module)) for p in ENGINE.rglob("*.py")} | {"CLEAR.py"}
     assert scripts == present
     resources = _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")
-    assert resources == {"Resources/Icons/CLEAR.png", "Resources/UI/CLEAR.ui"}
+    assert resources == {
+        "Resources/Icons/CLEAR.png",
+        "Resources/UI/CLEAR.ui",
+        "Resources/models.json",
+        "Resources/requirements.txt",
+    }
     assert all((module / r).is_file() for r in resources)
-    for name in re.search(r"foreach\(extension_file (.*?)\)", cmake).group(1).split():
-        assert (ROOT / "CLEARExtension" / name).is_file(), name
+    assert "configure_file" not in cmake  # resources travel with the module, no copy step
     assert "WITH_GENERIC_TESTS" in cmake
 
 
