@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +33,16 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 LOCAL_BUNDLE = "Local bundle (folder or .zip)"
+JOB_POLL_WAIT_S = 0.085  # of every 10 ms timer tick plus this wait, the worker gets the wait
+
+
+@dataclass
+class CaseDisplay:
+    """What showCaseResult put in the scene: the results table, the attention plot and the heat overlay."""
+
+    table: object  # vtkMRMLTableNode
+    plot: object  # CLEARLib.mrml.AttentionPlot
+    overlay: object  # vtkMRMLScalarVolumeNode
 
 
 class CLEAR(ScriptedLoadableModule):
@@ -102,8 +112,13 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._onJobDone = None
+        # Short ticks, most of each spent in BackgroundJob.poll waiting on the job (the worker holds the
+        # GIL meanwhile; Slicer's main thread holds it between ticks): CLI speed, and the GUI gets control
+        # about ten times a second (benchmarks/slicer_job_runner.py under the GIL host: hold within 15%
+        # of release, longest poll 0.09 s).
         self._timer = qt.QTimer()
-        self._timer.setInterval(100)
+        self._timer.setInterval(10)
         self._timer.connect("timeout()", self._pollJob)
         self._caseResult = None
         self._ctVolume = None
@@ -236,48 +251,33 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def _startJob(self, work, onDone):
-        """Run `work(progress, cancel)` on a worker thread; `onDone(result)` runs on the GUI thread."""
-        state = {"fraction": 0.0, "message": "starting", "result": None, "error": None, "done": False}
-        cancel = threading.Event()
+        """Run `work(progress, cancel)` as a BackgroundJob; `onDone(result)` runs on the GUI thread."""
+        from CLEARLib.jobs import BackgroundJob
 
-        def progress(fraction, message):
-            state["fraction"], state["message"] = fraction, message
-
-        def target():
-            try:
-                state["result"] = work(progress, cancel)
-            except Exception as exc:  # reported on the GUI thread
-                state["error"] = exc
-            finally:
-                state["done"] = True
-
-        self._job = {"state": state, "cancel": cancel, "onDone": onDone, "thread": threading.Thread(target=target)}
-        self._job["thread"].start()
+        self._job, self._onJobDone = BackgroundJob(work).start(), onDone
         self._timer.start()
         self._updateButtons()
 
     def _pollJob(self):
-        if self._job is None:
+        job = self._job
+        if job is None:
             self._timer.stop()
             return
-        state = self._job["state"]
-        self._setProgress(state["fraction"], state["message"])
-        if not state["done"]:
+        finished = job.poll(wait_s=JOB_POLL_WAIT_S)
+        self._setProgress(job.fraction, job.message)
+        if not finished:
             return
-        job, self._job = self._job, None
+        self._job = None
         self._timer.stop()
-        job["thread"].join()
         self._updateButtons()
-        from CLEARLib.errors import CLEARCancelled
-
-        if isinstance(state["error"], CLEARCancelled):
+        if job.cancelled:
             self._setProgress(0.0, "cancelled; the scene is unchanged")
-        elif state["error"] is not None:
+        elif job.error is not None:
             self._setProgress(0.0, "failed")
-            slicer.util.errorDisplay(f"CLEAR failed: {state['error']}")
+            slicer.util.errorDisplay(f"CLEAR failed: {job.error}")
         else:
             with slicer.util.tryWithErrorDisplay("Could not show the results.", waitCursor=True):
-                job["onDone"](state["result"])
+                self._onJobDone(job.result)
 
     def _setProgress(self, fraction, message):
         self.ui.progressBar.setValue(int(round(100 * fraction)))
@@ -285,15 +285,15 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancel(self):
         if self._job is not None:
-            self._job["cancel"].set()
+            self._job.cancel()
             self.ui.statusLabel.text = "cancelling after the current batch..."
 
     def _onCaseDone(self, result):
         self._caseResult = result
         p = self._parameterNode
         shown = self.logic.showCaseResult(self._ctVolume, result, p.inputVolume, p.showOverlay, p.overlayOpacity)
-        self.ui.resultsTableView.setMRMLTableNode(shown["table"])
-        self._plot, self._overlayNode = shown["plot"], shown["overlay"]
+        self.ui.resultsTableView.setMRMLTableNode(shown.table)
+        self._plot, self._overlayNode = shown.plot, shown.overlay
         self._fillTopSlices()
         self._observeRedSlice()
         self._connectPlotClicks()
@@ -481,7 +481,7 @@ class CLEARLogic(ScriptedLoadableModuleLogic):
             slicer.util.setSliceViewerLayers(background=volumeNode)
         composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
         mrml.show_overlay(composites, overlay, showOverlay, overlayOpacity)
-        return {"table": table, "plot": plot, "overlay": overlay}
+        return CaseDisplay(table, plot, overlay)
 
     @staticmethod
     def showPatch(volume, seedNode):
@@ -582,7 +582,7 @@ class CLEARTest(ScriptedLoadableModuleTest):
             result = logic.predictCase(ct, caseBundle, device="cpu")
             self.assertAlmostEqual(float(result.attention.attention.sum()), 1.0, places=4)
             shown = logic.showCaseResult(ct, result, node)
-            self.assertEqual(shown["table"].GetNumberOfRows(), 2)
+            self.assertEqual(shown.table.GetNumberOfRows(), 2)
             red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
             top = int(result.top_slices(1).slice_index.iloc[0])
             mrml.jump_to_slice(red, ct, top)
