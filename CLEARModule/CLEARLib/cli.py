@@ -34,6 +34,11 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def encoder_options(args) -> dict:
+    """The CasePredictor arguments of a command line: device, batch size, backend and precision."""
+    return {"device": args.device, "batch_size": args.batch_size, "backend": args.backend, "precision": args.precision}
+
+
 def _add_read_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series-uid", help="SeriesInstanceUID to read from a DICOM folder with several series")
     parser.add_argument("--allow-non-ct", action="store_true", help="read a series whose modality is not CT")
@@ -110,9 +115,7 @@ def cmd_predict(args) -> int:
     from .inference import CasePredictor
     from .outputs import attention_plot_png, top_slices_png
 
-    predictor = CasePredictor(
-        args.model, device=args.device, batch_size=args.batch_size, backend=args.backend, precision=args.precision
-    )
+    predictor = CasePredictor(args.model, **encoder_options(args))
     started = time.perf_counter()
     volume = _read(args)
     read_s = time.perf_counter() - started

@@ -92,18 +92,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_extract(args) -> int:
+    from CLEARLib.cli import encoder_options
+
     from .extract import extract
 
-    report = extract(
-        args.model,
-        args.cohort,
-        args.out,
-        device=args.device,
-        batch_size=args.batch_size,
-        backend=args.backend,
-        precision=args.precision,
-        progress=ProgressBar("extract", quiet=args.quiet),
-    )
+    progress = ProgressBar("extract", quiet=args.quiet)
+    report = extract(args.model, args.cohort, args.out, progress=progress, **encoder_options(args))
     print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in report.items()}, indent=2))
     for failure in report["failed"]:
         print(f"failed: {failure['case_id']}: {failure['error']}", file=sys.stderr)
