@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from clear_training.config import MilConfig, load_config
-from clear_training.extract import extract, read_features, write_features
+from clear_training.extract import extract, feature_file, read_features, write_features
 from clear_training.mil import run_mil
-from CLEARLib.bundle import load_bundle
+from CLEARLib.bundle import load_bundle, save_bundle
 from CLEARLib.inference import CasePredictor
 from CLEARLib.io import write_volume
 from CLEARLib.phantom import make_phantom
@@ -45,6 +45,27 @@ def test_extract_writes_one_file_per_case_skips_done_and_reports_failures(tmp_pa
     again = extract(tiny_case_bundle, tmp_path / "cohort.csv", out, device="cpu", rank=0, world_size=1)
     assert sorted(again["skipped"]) == ["c0", "c1", "c2", "chest"] and again["done"] == []
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # The same weights with other windows make other features: nothing is reused.
+    bundle = load_bundle(tiny_case_bundle)
+    same = {"encoder": bundle.encoder, "head": bundle.head, "labels": bundle.labels, "task": bundle.manifest.task}
+    lung_only = save_bundle(tmp_path / "lung.zip", name="lung only", kind="case", windows=["lung"], **same)
+    other = extract(lung_only, tmp_path / "cohort.csv", out, device="cpu", rank=0, world_size=1)
+    assert sorted(other["done"]) == ["c0", "c1", "c2", "chest"] and other["skipped"] == []
+    assert list(read_features(out / "c1.h5")["window"][:2]) == ["lung", "lung"]
+
+
+def test_case_ids_that_differ_only_in_odd_characters_keep_their_own_features(tmp_path, tiny_case_bundle):
+    ids = ["LUNG1/001", "LUNG1_001", "case 1", "case_1"]
+    rows = []
+    for i, case in enumerate(ids):
+        volume, _ = make_phantom((6 + i, 32, 32), (6.0, 6.0, 10.0), seed=i)
+        rows.append({"case_id": case, "path": str(write_volume(volume, tmp_path / f"v{i}.nrrd"))})
+    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
+    report = extract(tiny_case_bundle, tmp_path / "cohort.csv", tmp_path / "f", device="cpu", rank=0, world_size=1)
+    assert report["done"] == ids and report["skipped"] == []
+    for i, case in enumerate(ids):
+        data = read_features(feature_file(tmp_path / "f", case))
+        assert data["attrs"]["case_id"] == case and data["slice_index"][-1] == 5 + i
 
 
 def _synthetic_cohort(root, n_cases=150, dim=16, seed=0):

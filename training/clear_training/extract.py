@@ -12,6 +12,7 @@ from the path) and `spacing_x, spacing_y, spacing_z` (for formats without geomet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -62,12 +63,25 @@ def feature_file(out_dir: Path, case_id: str) -> Path:
     return Path(out_dir) / f"{file_stem_for(case_id)}.h5"
 
 
-def is_done(path: Path, encoder_sha256: str) -> bool:
+def features_key(manifest) -> str:
+    """What the features of a case depend on: the encoder's weights, the windows, the input spec and the
+    CLEAR version. A feature file made with another key is extracted again, never reused."""
+    key = {
+        "weights": manifest.encoder.weights_sha256,
+        "windows": [w.model_dump() for w in manifest.preprocessing.windows],
+        "input": manifest.encoder.input.model_dump() if manifest.encoder.input else None,
+        "clear_version": clear_version,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def is_done(path: Path, key: str, case_id: str) -> bool:
+    """True when `path` holds this exact case's features made with this key."""
     if not path.exists():
         return False
     try:
         with h5py.File(path, "r") as f:
-            return f.attrs.get("encoder_weights_sha256") == encoder_sha256 and "feats" in f
+            return f.attrs.get("features_key") == key and f.attrs.get("case_id") == case_id and "feats" in f
     except OSError:
         return False
 
@@ -124,9 +138,11 @@ def extract(
     predictor = CasePredictor(bundle, device=device, batch_size=batch_size, backend=backend, precision=precision)
     manifest = predictor.bundle.manifest
     sha = manifest.encoder.weights_sha256
+    key = features_key(manifest)
     attrs = {
         "encoder": manifest.encoder.architecture,
         "encoder_weights_sha256": sha,
+        "features_key": key,
         "bundle": manifest.name,
         "windows": json.dumps([w.model_dump() for w in manifest.preprocessing.windows]),
         "clear_version": clear_version,
@@ -138,7 +154,7 @@ def extract(
         case_progress = scaled(
             progress, i / len(mine), (i + 1) / len(mine), f"case {i + 1}/{len(mine)} {row.case_id}: "
         )
-        if is_done(target, sha):
+        if is_done(target, key, row.case_id):
             report["skipped"].append(row.case_id)
             report_progress(case_progress, 1.0, "done before")
             continue
