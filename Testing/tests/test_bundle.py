@@ -111,6 +111,22 @@ def test_checksum_mismatch(tmp_path, tiny_case_bundle):
         load_bundle(folder)
 
 
+def test_altered_or_non_finite_weights_are_refused(tmp_path, tiny_case_bundle):
+    folder = _unzip(tiny_case_bundle, tmp_path / "b")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["encoder"]["weights_sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CLEARInputError, match="do not match the manifest's encoder.weights_sha256"):
+        load_bundle(folder)
+    bundle = load_bundle(tiny_case_bundle)
+    with torch.no_grad():
+        next(bundle.head.parameters()).view(-1)[:3] = float("nan")
+    broken = save_bundle(tmp_path / "nan.zip", name="nan", kind="case", encoder=bundle.encoder, head=bundle.head,
+                         labels=bundle.labels, task=bundle.manifest.task, windows=["abdomen", "lung"])  # fmt: skip
+    with pytest.raises(CLEARInputError, match=r"nan.zip: tensor head\..* has 3 non-finite values"):
+        load_bundle(broken)
+
+
 @pytest.mark.parametrize(
     "edit,message",
     [

@@ -252,6 +252,15 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: s
     module.load_state_dict(state, strict=True)
 
 
+def _check_tensors(tensors: dict[str, torch.Tensor], path) -> None:
+    """Weights with NaN or infinite values would give NaN predictions with a clean exit: refused."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CLEARInputError(f"tensor {name} has {bad} non-finite values (NaN or infinite)", path)
+
+
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
     """Load and verify a bundle (schema, checksum, every tensor name and shape). Models are in eval mode."""
     path = Path(path)
@@ -290,6 +299,13 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if other:
         raise CLEARInputError(f"unexpected tensors outside encoder.* and head.*: {', '.join(other[:5])}", path)
     load_state_strict(encoder, encoder_state, "encoder", path)
+    _check_tensors(tensors, path)
+    if tensors_sha256(encoder_state) != manifest.encoder.weights_sha256:
+        raise CLEARInputError(
+            "the encoder's tensors do not match the manifest's encoder.weights_sha256 (which resumable features "
+            "and re-scoring trust); the bundle was altered after it was written",
+            path,
+        )
     head = None
     if manifest.head is not None:
         head = _head_from_spec(manifest.head, manifest.encoder.feature_dim)
