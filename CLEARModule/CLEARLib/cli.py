@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CLEARInputError, run_command
+from .files import check_output_folder
 from .progress import ProgressBar
 
 
@@ -115,6 +116,8 @@ def cmd_predict(args) -> int:
     from .inference import CasePredictor
     from .outputs import attention_plot_png, top_slices_png
 
+    if args.out:
+        check_output_folder(args.out)  # before minutes of encoding
     predictor = CasePredictor(args.model, **encoder_options(args))
     started = time.perf_counter()
     volume = _read(args)
@@ -163,8 +166,10 @@ def cmd_lesion(args) -> int:
         raise CLEARInputError(f"--stability must be 0 or more, got {args.stability}")
     if args.stability and args.seeds is not None:
         raise CLEARInputError("--stability applies to one seed (--seed), not to a seed table")
-    predictor = LesionPredictor(args.model, device=args.device, border=args.border)
     out = Path(args.out) if args.out else None
+    if out:
+        check_output_folder(out)
+    predictor = LesionPredictor(args.model, device=args.device, border=args.border)
     if args.seeds is not None:
         return _lesion_table(args, predictor, out)
     volume = _read(args)

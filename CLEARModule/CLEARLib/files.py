@@ -43,6 +43,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any work is spent."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".clear-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CLEARInputError(f"cannot write results here: {exc.strerror or exc}", folder) from exc
+    return folder
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """Before the work: staged_outputs can write beside `out` and, if `out` exists, in it."""
+    out = Path(out)
+    check_writable(out.parent)
+    if out.exists():
+        check_writable(out)
+    return out
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 3600.0) -> list[str]:
+    """Temporary files and staging folders that runs killed before their rename left in `folder` (this
+    module's names only, and only when older than `older_than_s`, so that a run writing now is untouched)."""
+    import time
+
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for entry in folder.iterdir():
+        name = entry.name
+        ours = name.startswith(".") and (name.endswith(".tmp") or ".partial-" in name)
+        try:
+            if ours and now - entry.lstat().st_mtime > older_than_s:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed.append(name)
+        except OSError:
+            continue  # another process removed or is using it
+    return removed
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -125,7 +168,7 @@ def publish_bundle(build_into: Callable[[Path], None], path: str | os.PathLike) 
     """
     path = check_bundle_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         built = work / path.name
         build_into(built)

@@ -84,3 +84,37 @@ def test_a_bundle_replaces_an_older_bundle_only_when_complete(tmp_path):
         publish_bundle(build_half, first)
     assert load_bundle(first).manifest.name == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["enc"]
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, tiny_case_bundle, capsys):
+    from CLEARLib.cli import main
+
+    ct = tmp_path / "ct.nrrd"
+    assert main(["phantom", str(ct), "--shape", "8", "32", "32"]) == 0
+    (tmp_path / "taken").write_text("a file where the output's folder should be")
+    capsys.readouterr()
+    out = tmp_path / "taken" / "o"
+    assert main(["-q", "predict", str(ct), "--model", str(tiny_case_bundle), "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert "cannot write results here" in printed.err and printed.out == ""  # refused before predicting
+
+
+def test_the_writability_check_and_stale_temporaries(tmp_path):
+    import time
+
+    from CLEARLib.files import check_output_folder, check_writable, remove_stale_temporaries
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CLEARInputError, match="cannot write results here"):
+        check_writable(tmp_path / "a-file" / "sub")  # a file stands where the folder should be
+    assert check_output_folder(tmp_path / "new") == tmp_path / "new" and not (tmp_path / "new").exists()
+    old, fresh, stage = tmp_path / ".x.json.abc.tmp", tmp_path / ".y.json.def.tmp", tmp_path / ".out.partial-1"
+    for path in (old, fresh):
+        path.write_text("half")
+    stage.mkdir()
+    (tmp_path / ".hidden-config").write_text("not ours")
+    long_ago = time.time() - 7200
+    for path in (old, stage):
+        os.utime(path, (long_ago, long_ago))
+    assert sorted(remove_stale_temporaries(tmp_path)) == [".out.partial-1", ".x.json.abc.tmp"]
+    assert fresh.exists() and (tmp_path / ".hidden-config").exists() and not old.exists()

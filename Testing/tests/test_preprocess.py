@@ -268,5 +268,5 @@ def test_seed_outside_the_image_is_refused():
     outside = volume.index_to_lps([-5.0, 10.0, 10.0])
     with pytest.raises(CLEARInputError, match="lies outside the image"):
         extract_lesion_patch(volume, outside)
-    with pytest.raises(ValueError, match="3 finite coordinates"):
+    with pytest.raises(CLEARInputError, match="3 finite coordinates"):
         extract_lesion_patch(volume, [1.0, 2.0])

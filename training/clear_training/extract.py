@@ -23,7 +23,7 @@ import numpy as np
 
 from CLEARLib import __version__ as clear_version
 from CLEARLib.errors import CLEARInputError
-from CLEARLib.files import atomic_path
+from CLEARLib.files import atomic_path, check_writable, remove_stale_temporaries
 from CLEARLib.io import CTVolume, read_ct
 from CLEARLib.io.cohort import file_stem_for, read_cohort
 from CLEARLib.io.deeplesion import read_deeplesion_study
@@ -132,8 +132,10 @@ def extract(
     if rank is None or world_size is None:
         info = init_distributed(device)
         rank, world_size, device = info.rank, info.world_size, info.device
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable(out_dir)  # before any case is encoded
+    stale = remove_stale_temporaries(out_dir)
+    if stale:
+        log.info("removed %d temporary files of earlier, interrupted runs from %s", len(stale), out_dir)
     cohort = read_cohort(cohort_csv)
     predictor = CasePredictor(bundle, device=device, batch_size=batch_size, backend=backend, precision=precision)
     manifest = predictor.bundle.manifest

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedGroupKFold
 
 from CLEARLib.errors import CLEARInputError
-from CLEARLib.files import staged_outputs, write_atomic, write_csv, write_json
+from CLEARLib.files import (
+    check_output_folder,
+    remove_stale_temporaries,
+    staged_outputs,
+    write_atomic,
+    write_csv,
+    write_json,
+)
 from CLEARLib.inference.runtime import autocast, resolve_device
 from CLEARLib.models import ABMIL, ABMILEnsemble, probabilities
 from CLEARLib.outputs import attention_plot_png, figure_png
@@ -364,6 +371,8 @@ def run_mil(config: MilConfig, bags: Bags | None = None, progress=None) -> dict:
     device = resolve_device(config.run.device)
     bags = bags if bags is not None else Bags(config.data)
     check_cohort_size(bags, config.data)  # before anything is computed or written
+    check_output_folder(config.run.out_dir)
+    remove_stale_temporaries(Path(config.run.out_dir).parent)
     encoder_bundle = _export_encoder(config, bags)
     with staged_outputs(config.run.out_dir) as stage:
         metrics = _run_mil(config, bags, device, stage, encoder_bundle, progress)

@@ -42,7 +42,7 @@ Border = Literal["centred", "fmcib"]
 def seed_to_lps(seed, coord: str = "LPS") -> np.ndarray:
     point = np.asarray(seed, dtype=np.float64).reshape(-1)
     if point.shape != (3,) or not np.all(np.isfinite(point)):
-        raise ValueError(f"a seed is 3 finite coordinates in mm, got {seed!r}")
+        raise CLEARInputError(f"a seed is 3 finite coordinates in mm, got {seed!r}")
     coord = coord.upper()
     if coord == "RAS":
         return flip_lps_ras(point)
