@@ -111,6 +111,16 @@ def test_checksum_mismatch(tmp_path, tiny_case_bundle):
         load_bundle(folder)
 
 
+def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path, tiny_case_bundle):
+    folder = _unzip(tiny_case_bundle, tmp_path / "b")
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(folder / "manifest.json", "manifest.json")
+        zf.writestr("weights.safetensors", bytes(64 << 20))  # 64 MiB of zeros in about 64 KiB
+    with pytest.raises(CLEARInputError, match=r"bomb.zip: weights.safetensors would inflate to 67108864 bytes"):
+        load_bundle(bomb)
+
+
 def test_altered_or_non_finite_weights_are_refused(tmp_path, tiny_case_bundle):
     folder = _unzip(tiny_case_bundle, tmp_path / "b")
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -136,9 +146,14 @@ def test_altered_or_non_finite_weights_are_refused(tmp_path, tiny_case_bundle):
         (lambda m: m["encoder"].update(architecture="resnet9000"), "unknown encoder 'resnet9000'"),
         (lambda m: m["encoder"].update(feature_dim=33), "encoder gives 32 features, manifest says 33"),
         (lambda m: m.update(surprise=1), "surprise: Extra inputs are not permitted"),
+        (lambda m: m["weights"].update(file="../../etc/passwd"), "weights.file: String should match pattern"),
+        (
+            lambda m: m["encoder"]["kwargs"].update(checkpoint_path="/etc/passwd"),
+            r"do not build mambaout_femto: .*does not take \['checkpoint_path'\]",
+        ),
         (lambda m: m["weights"].update(file="other.safetensors"), "other.safetensors is missing"),
     ],
-    ids=["schema", "labels", "kind", "arch", "dim", "extra", "file"],
+    ids=["schema", "labels", "kind", "arch", "dim", "extra", "outside", "timm-file", "file"],
 )
 def test_manifest_problems_are_named(tmp_path, tiny_case_bundle, edit, message):
     folder = _unzip(tiny_case_bundle, tmp_path / "b")

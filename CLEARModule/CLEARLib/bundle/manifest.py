@@ -58,7 +58,8 @@ class HeadSpec(_Strict):
 
 
 class WeightsFile(_Strict):
-    file: str = "weights.safetensors"
+    # A plain file name inside the bundle: never a path that leads out of it.
+    file: str = Field("weights.safetensors", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 

@@ -182,6 +182,11 @@ def save_bundle(
     return publish_bundle(build, path)
 
 
+_MAX_MANIFEST_BYTES = 1 << 20
+_MAX_WEIGHTS_BYTES = 8 << 30
+_MAX_COMPRESSION_RATIO = 20
+
+
 def _read_members(path: Path) -> tuple[bytes, Callable[[str], bytes]]:
     if path.is_dir():
         manifest_path = path / MANIFEST
@@ -191,18 +196,26 @@ def _read_members(path: Path) -> tuple[bytes, Callable[[str], bytes]]:
     if not zipfile.is_zipfile(path):
         raise CLEARInputError("a bundle is a folder or a .zip holding manifest.json and safetensors weights", path)
     with zipfile.ZipFile(path) as zf:
-        members = {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")}
-    manifests = [n for n in members if n.rsplit("/", 1)[-1] == MANIFEST]
+        infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
+    manifests = [n for n in infos if n.rsplit("/", 1)[-1] == MANIFEST]
     if len(manifests) != 1:
         raise CLEARInputError(f"the zip holds {len(manifests)} {MANIFEST} files; a bundle has exactly one", path)
     prefix = manifests[0][: -len(MANIFEST)]
 
-    def read(name: str) -> bytes:
-        if prefix + name not in members:
+    def read(name: str, limit: int = _MAX_WEIGHTS_BYTES) -> bytes:
+        """One member, and only when it is needed; sizes checked before anything is inflated."""
+        info = infos.get(prefix + name)
+        if info is None:
             raise KeyError(name)
-        return members[prefix + name]
+        # Weights barely compress (CLEAR stores them uncompressed): a high ratio or a huge size is a bomb.
+        if info.file_size > limit or info.file_size > _MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+            raise CLEARInputError(
+                f"{name} would inflate to {info.file_size} bytes from {info.compress_size}; refused", path
+            )
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(info)
 
-    return members[manifests[0]], read
+    return read(MANIFEST, _MAX_MANIFEST_BYTES), read
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -288,7 +301,12 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise CLEARInputError(str(exc.args[0]), path) from exc
     if entry.kind != ENCODER_KIND[manifest.kind]:
         raise CLEARInputError(f"{entry.name} is a {entry.kind} encoder, but the bundle kind is {manifest.kind}", path)
-    encoder = create_encoder(manifest.encoder.architecture, **manifest.encoder.kwargs)
+    try:
+        encoder = create_encoder(manifest.encoder.architecture, **manifest.encoder.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CLEARInputError(
+            f"encoder.kwargs {manifest.encoder.kwargs} do not build {manifest.encoder.architecture}: {exc}", path
+        ) from exc
     if encoder.num_features != manifest.encoder.feature_dim:
         raise CLEARInputError(
             f"encoder gives {encoder.num_features} features, manifest says {manifest.encoder.feature_dim}", path

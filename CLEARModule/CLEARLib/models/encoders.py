@@ -103,8 +103,17 @@ class MambaOutEncoder(nn.Module):
     head's MLP and classifier are removed and only its norm is kept.
     """
 
+    # What a bundle may set: the architecture, never what makes timm load files (checkpoint_path, pretrained...).
+    ALLOWED_KWARGS = frozenset(
+        {"depths", "dims", "conv_ratio", "expansion_ratio", "kernel_size", "stem_mid_norm", "ls_init_value",
+         "downsample", "drop_path_rate", "drop_rate"}
+    )  # fmt: skip
+
     def __init__(self, timm_name: str, img_size: int = 224, **kwargs):
         super().__init__()
+        unknown = sorted(set(kwargs) - self.ALLOWED_KWARGS)
+        if unknown:
+            raise ValueError(f"{timm_name} does not take {unknown}; allowed: {sorted(self.ALLOWED_KWARGS)}")
         self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
         self.model.head.pre_logits = nn.Identity()
         self.model.head.fc = nn.Identity()
