@@ -28,12 +28,13 @@ def default_file_mode() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` for writers that want a file name (h5py, torch.save); renamed to
-    `path` with normal permissions when the block ends, removed if it raises."""
+def atomic_path(path: str | os.PathLike, keep_suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` for writers that want a file name (h5py, torch.save, SimpleITK, which
+    picks the format by `keep_suffix`); renamed to `path` with normal permissions when the block ends,
+    removed if it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + keep_suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -76,7 +77,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 36
     now = time.time()
     for entry in folder.iterdir():
         name = entry.name
-        ours = name.startswith(".") and (name.endswith(".tmp") or ".partial-" in name)
+        ours = name.startswith(".") and (".tmp" in name or ".partial-" in name)
         try:
             if ours and now - entry.lstat().st_mtime > older_than_s:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

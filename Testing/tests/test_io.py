@@ -476,3 +476,32 @@ def test_deeplesion_and_radchest_readers(tmp_path):
     np.savez(tmp_path / "two.npz", a=np.zeros(2), b=np.zeros(2))
     with pytest.raises(CLEARInputError, match="two.npz: expected an array named 'ct'"):
         read_radchest(tmp_path / "two.npz")
+
+
+@pytest.mark.parametrize("header", ["ct.mhd", "ct.nhdr"])
+def test_detached_headers_read_only_their_own_data_file(tmp_path, header):
+    import os
+    import re
+
+    import SimpleITK as sitk
+
+    volume = CTVolume.from_array(np.full((4, 8, 8), 40, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    path = tmp_path / header
+    sitk.WriteImage(sitk.GetImageFromArray(volume.hu), str(path))
+    assert int(read_ct(path).hu[0, 0, 0]) == 40
+    text = path.read_text()
+    field = r"(ElementDataFile = |data file: )(.*)"
+    data_name = re.search(field, text).group(2).strip()
+    secret = tmp_path.parent / f"{tmp_path.name}-outside.raw"
+    secret.write_bytes((tmp_path / data_name).read_bytes())
+    for pointer, message in (
+        (str(secret), "lies outside the header's folder"),
+        (f"../{secret.name}", "lies outside the header's folder"),
+    ):
+        path.write_text(re.sub(field, lambda m, p=pointer: m.group(1) + p, text))
+        with pytest.raises(CLEARInputError, match=message):
+            read_ct(path)
+    os.mkfifo(tmp_path / "pipe.raw")  # a reader of a pipe would wait forever
+    path.write_text(re.sub(field, lambda m: m.group(1) + "pipe.raw", text))
+    with pytest.raises(CLEARInputError, match="missing or not a regular file"):
+        read_ct(path)

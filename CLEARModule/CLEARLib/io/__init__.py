@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from os import PathLike
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from ..errors import CLEARInputError
+from ..files import atomic_path
 from .dicom import read_dicom
 from .seeds import SEED_COLUMNS, read_seed_table
 from .volume import AXIAL_TOLERANCE_DEG, CTVolume
@@ -49,6 +49,7 @@ def read_ct(
         raise CLEARInputError("no such file or folder", path)
     if path.is_dir() or not _is_image_file(path):
         return read_dicom(path, series_uid=series_uid, allow_non_ct=allow_non_ct, resample_oblique=resample_oblique)
+    _confine_detached_data(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -58,6 +59,33 @@ def read_ct(
     if meta["format"] in ("nii", "nii.gz"):
         _refuse_non_finite_nifti(path)
     return CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
+
+
+def _confine_detached_data(path: Path) -> None:
+    """A .mhd or .nhdr header names its voxel file: it must be a regular file beside the header (or below
+    it), never an absolute path, a way out of the folder, or a pipe that would block the read forever."""
+    lower = path.name.lower()
+    if not lower.endswith((".mhd", ".nhdr")):
+        return
+    key = "elementdatafile" if lower.endswith(".mhd") else ("data file", "datafile")
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        raise CLEARInputError(f"cannot read the header: {exc.strerror}", path) from exc
+    for line in lines:
+        name, sep, value = line.partition("=" if lower.endswith(".mhd") else ":")
+        if not sep or not name.strip().lower().startswith(key):
+            continue
+        value = value.strip()
+        if value.upper() == "LOCAL":  # the voxels follow the header in this same file
+            return
+        if value.upper().startswith("LIST") or "%" in value:
+            raise CLEARInputError(f"data file {value!r} is not supported; give one data file beside the header", path)
+        data = (path.parent / value).resolve()
+        if Path(value).is_absolute() or path.parent.resolve() not in data.parents:
+            raise CLEARInputError(f"the header's data file {value!r} lies outside the header's folder", path)
+        if not data.is_file():
+            raise CLEARInputError(f"the header's data file {value!r} is missing or not a regular file", path)
 
 
 def _refuse_non_finite_nifti(path: Path) -> None:
@@ -85,14 +113,9 @@ def write_volume(volume: CTVolume, path: str | PathLike) -> Path:
     path = Path(path)
     if not path.name.lower().endswith(SINGLE_FILE_SUFFIXES):
         raise CLEARInputError(f"unsupported output extension; use one of {', '.join(SINGLE_FILE_SUFFIXES)}", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same extension at the end so that SimpleITK picks the format; hidden so globs skip it.
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     image = sitk.GetImageFromArray(volume.hu)
     volume._set_sitk_geometry(image)
-    try:
+    suffix = next(s for s in SINGLE_FILE_SUFFIXES if path.name.lower().endswith(s))
+    with atomic_path(path, keep_suffix=suffix) as tmp:  # SimpleITK picks the format by the suffix
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
