@@ -505,3 +505,26 @@ def test_detached_headers_read_only_their_own_data_file(tmp_path, header):
     path.write_text(re.sub(field, lambda m: m.group(1) + "pipe.raw", text))
     with pytest.raises(CLEARInputError, match="missing or not a regular file"):
         read_ct(path)
+
+
+def test_two_phases_in_one_series_are_refused_and_side_by_side_acquisitions_read(tmp_path, phantom):
+    volume, _ = phantom
+    layout = layout_of(volume)
+    n, step = volume.shape[0], volume.spacing[2]
+
+    def two_acquisitions(folder, shift_mm):
+        uid = pydicom.uid.generate_uid()
+        first = write_dicom_series(layout, folder, series_uid=uid, shuffle_seed=1)
+        shift = {k: np.array([0.0, 0.0, shift_mm]) for k in range(n)}
+        second = write_dicom_series(layout, folder / "b", series_uid=uid, shuffle_seed=2, position_offsets=shift)
+        for number, files in ((1, first), (2, second)):
+            for f in files:
+                ds = pydicom.dcmread(f)
+                ds.AcquisitionNumber = number
+                ds.save_as(f)
+
+    two_acquisitions(tmp_path / "phases", step / 2)  # interleaved: a second phase between the first's slices
+    with pytest.raises(CLEARInputError, match=r"acquisitions that cover the same positions \(AcquisitionNumber 1"):
+        read_ct(tmp_path / "phases")
+    two_acquisitions(tmp_path / "steps", n * step)  # one after the other: a step-and-shoot scan
+    assert read_ct(tmp_path / "steps").shape[0] == 2 * n

@@ -45,6 +45,7 @@ class _Frame:
     columns: int
     slope: float
     intercept: float
+    acquisition: str = ""  # AcquisitionNumber (or TemporalPositionIdentifier): phases of one series differ
 
     @property
     def name(self) -> str:
@@ -105,7 +106,16 @@ def _single_frame(ds, path: Path) -> _Frame:
         columns=int(ds.Columns),
         slope=slope,
         intercept=intercept,
+        acquisition=_acquisition_of(ds),
     )
+
+
+def _acquisition_of(ds) -> str:
+    for keyword in ("TemporalPositionIdentifier", "AcquisitionNumber"):
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            return f"{keyword} {value}"
+    return ""
 
 
 def _functional(ds, frame_group, sequence: str, attribute: str):
@@ -148,6 +158,7 @@ def _multi_frame(ds, path: Path) -> list[_Frame]:
                 columns=int(ds.Columns),
                 slope=slope,
                 intercept=intercept,
+                acquisition=_acquisition_of(ds),
             )
         )
     return frames
@@ -259,6 +270,25 @@ def _frames_of(series: _Series) -> list[_Frame]:
     return frames
 
 
+def _refuse_overlapping_acquisitions(frames: list[_Frame], distance: np.ndarray, where: Path) -> None:
+    """Two acquisitions (or contrast phases) in one series that cover the same positions would stack into
+    one volume with alternating phases. Acquisitions side by side (step-and-shoot scans number each
+    rotation) make one volume and pass."""
+    groups: dict[str, list[float]] = {}
+    for frame, d in zip(frames, distance, strict=True):
+        groups.setdefault(frame.acquisition, []).append(float(d))
+    spans = sorted((min(v), max(v), k, len(v)) for k, v in groups.items())
+    overlapping = [(a, b) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1] - SPACING_TOLERANCE_MM]
+    if overlapping:
+        a, b = overlapping[0]
+        raise CLEARInputError(
+            f"one series holds acquisitions that cover the same positions ({a[2]}: {a[3]} images, "
+            f"{a[0]:.1f}..{a[1]:.1f} mm; {b[2]}: {b[3]} images, {b[0]:.1f}..{b[1]:.1f} mm), e.g. two contrast "
+            "phases; CLEAR will not interleave them: put each acquisition in a folder of its own",
+            where,
+        )
+
+
 def _check_and_sort(frames: list[_Frame], where: Path) -> tuple[list[_Frame], float, np.ndarray]:
     """Validate the stack; return frames sorted along the normal, slice spacing and the normal."""
     if len(frames) < 2:
@@ -288,6 +318,7 @@ def _check_and_sort(frames: list[_Frame], where: Path) -> tuple[list[_Frame], fl
     if abs(np.linalg.norm(normal) - 1.0) > 1e-3 or abs(row @ col) > 1e-3:
         raise CLEARInputError(f"ImageOrientationPatient is not orthonormal in {first.name}", where)
     distance = np.array([f.position @ normal for f in frames])
+    _refuse_overlapping_acquisitions(frames, distance, where)
     order = np.argsort(distance, kind="stable")
     frames = [frames[i] for i in order]
     distance = distance[order]
