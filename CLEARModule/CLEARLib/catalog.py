@@ -23,8 +23,9 @@ CATALOG_VERSION = 1
 
 class CatalogEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    version: str
+    # Name and version become the cached file's name: plain words only, never a path.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
     kind: str = Field(pattern="^(case|lesion)$")
     url: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -91,9 +92,11 @@ def fetch(entry: CatalogEntry, cache_dir: str | os.PathLike | None = None, progr
         with atomic_path(target) as tmp:  # verified before it gets its final name
             with open(tmp, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
                 for block in iter(lambda: response.read(1 << 20), b""):
+                    received += len(block)
+                    if received > entry.size:  # never past what the catalog declares (a full disk)
+                        raise CLEARInputError(f"download of {entry.name} exceeds its {entry.size} bytes", entry.url)
                     out.write(block)
                     digest.update(block)
-                    received += len(block)
                     if progress is not None:
                         progress(min(received / entry.size, 1.0), f"downloading {entry.name}")
             if digest.hexdigest() != entry.sha256 or received != entry.size:

@@ -121,6 +121,14 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path, tiny_case_bundle)
         load_bundle(bomb)
 
 
+def test_a_weights_file_that_never_ends_is_refused(tmp_path, tiny_case_bundle):
+    folder = _unzip(tiny_case_bundle, tmp_path / "b")
+    (folder / "weights.safetensors").unlink()
+    (folder / "weights.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(CLEARInputError, match="weights.safetensors is missing from the bundle"):
+        load_bundle(folder)
+
+
 def test_altered_or_non_finite_weights_are_refused(tmp_path, tiny_case_bundle):
     folder = _unzip(tiny_case_bundle, tmp_path / "b")
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -73,6 +73,18 @@ def test_catalog_download_is_verified_and_cached(tmp_path, tiny_case_bundle):
         catalog.entry("other")
 
 
+def test_catalog_entries_stay_in_the_cache_and_downloads_stop_at_their_size(tmp_path, tiny_case_bundle):
+    entry = catalog_entry_for(tiny_case_bundle, url=tiny_case_bundle.resolve().as_uri())
+    escaping = {**entry.model_dump(), "name": "../../outside"}
+    (tmp_path / "bad.json").write_text(json.dumps({"catalog_version": 1, "models": [escaping]}))
+    with pytest.raises(CLEARInputError, match="bad.json: invalid model catalog"):
+        load_catalog(tmp_path / "bad.json")
+    short = entry.model_copy(update={"size": 1000})  # the file is larger than the catalog says
+    with pytest.raises(CLEARInputError, match=f"download of {entry.name} exceeds its 1000 bytes"):
+        fetch(short, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_shipped_catalog_and_requirements_are_valid():
     assert isinstance(load_catalog(), Catalog)
     requirements = read_requirements()

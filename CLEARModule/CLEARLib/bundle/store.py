@@ -192,7 +192,18 @@ def _read_members(path: Path) -> tuple[bytes, Callable[[str], bytes]]:
         manifest_path = path / MANIFEST
         if not manifest_path.exists():
             raise CLEARInputError(f"no {MANIFEST} in the bundle folder", path)
-        return manifest_path.read_bytes(), lambda name: (path / name).read_bytes()
+        if manifest_path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise CLEARInputError(f"{MANIFEST} is larger than {_MAX_MANIFEST_BYTES} bytes", path)
+
+        def read_file(name: str) -> bytes:
+            member = path / name
+            if not member.is_file():  # a device such as /dev/zero, or a pipe, would never end
+                raise FileNotFoundError(name)
+            if member.stat().st_size > _MAX_WEIGHTS_BYTES:
+                raise CLEARInputError(f"{name} is larger than {_MAX_WEIGHTS_BYTES} bytes", path)
+            return member.read_bytes()
+
+        return manifest_path.read_bytes(), read_file
     if not zipfile.is_zipfile(path):
         raise CLEARInputError("a bundle is a folder or a .zip holding manifest.json and safetensors weights", path)
     with zipfile.ZipFile(path) as zf:
