@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from os import PathLike
 
@@ -49,3 +50,8 @@ def run_command(prog: str, command, args) -> int:
     except (CLEARCancelled, KeyboardInterrupt):
         print(f"{prog}: stopped by the user", file=sys.stderr)
         return EXIT_CANCELLED
+    except BrokenPipeError:
+        # The reader of the output went away (`clear-ct info CT | head`): no traceback. Python's advice:
+        # point stdout at devnull so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_RUN

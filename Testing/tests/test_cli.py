@@ -134,3 +134,14 @@ def test_lesion_writes_features_takes_negative_seeds_and_seed_tables(tmp_path, t
     assert main(["lesion", str(ct), "--model", str(tiny_lesion_bundle)]) == 2
     assert "give one seed" in capsys.readouterr().err
     assert read_ct(ct).shape == volume.shape
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`clear-ct info CT | head -1`: the reader goes away before the output is written."""
+    ct = tmp_path / "ct.nrrd"
+    assert main(["phantom", str(ct), "--shape", "8", "32", "32"]) == 0
+    clear_ct = Path(sys.executable).parent / "clear-ct"
+    process = subprocess.Popen([str(clear_ct), "info", str(ct)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the CT is even read
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1 and "Traceback" not in stderr, stderr

@@ -102,6 +102,16 @@ def test_non_finite_voxels_are_refused_with_their_count(tmp_path, name):
     assert name in str(error.value)
 
 
+def test_implausible_hu_from_a_wrong_slope_is_refused(tmp_path, phantom):
+    volume, _ = phantom
+    for path in write_dicom_series(layout_of(volume), tmp_path / "s"):  # stored values of 0..~1500
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "1000.5"  # a corrupted slope: HU in the millions
+        ds.save_as(path)
+    with pytest.raises(CLEARInputError, match=r"voxels lie outside any CT's HU range .* check the RescaleSlope"):
+        read_ct(tmp_path / "s")
+
+
 def test_integer_rescale_keeps_int16(tmp_path, phantom):
     volume, _ = phantom
     write_dicom_series(layout_of(volume), tmp_path / "s", slope=2.0, intercept=-1024.0)
@@ -528,3 +538,14 @@ def test_two_phases_in_one_series_are_refused_and_side_by_side_acquisitions_read
         read_ct(tmp_path / "phases")
     two_acquisitions(tmp_path / "steps", n * step)  # one after the other: a step-and-shoot scan
     assert read_ct(tmp_path / "steps").shape[0] == 2 * n
+
+
+def test_a_nifti_without_geometry_is_refused(tmp_path):
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), np.eye(4))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, str(tmp_path / "nogeom.nii.gz"))
+    with pytest.raises(CLEARInputError, match="nogeom.nii.gz: no geometry: the header's qform and sform codes are 0"):
+        read_ct(tmp_path / "nogeom.nii.gz")

@@ -90,7 +90,8 @@ def _confine_detached_data(path: Path) -> None:
 
 def _refuse_non_finite_nifti(path: Path) -> None:
     """ITK's NIfTI reader turns NaN and infinite voxels into 0 without a word, so a broken float NIfTI would
-    read as water. nibabel reads the stored values; only float-typed files are checked (CT is mostly int16)."""
+    read as water, and it invents a geometry for a header without one. nibabel reads the header and the
+    stored values; only float-typed files are checked for values (CT is mostly int16)."""
     import nibabel as nib
     import numpy as np
 
@@ -98,6 +99,12 @@ def _refuse_non_finite_nifti(path: Path) -> None:
         image = nib.load(str(path))
     except Exception as exc:  # nibabel's own header errors: let ITK's reading report the file
         raise CLEARInputError(f"cannot read the NIfTI header: {exc}", path) from exc
+    if int(image.header["qform_code"]) == 0 and int(image.header["sform_code"]) == 0:
+        raise CLEARInputError(
+            "no geometry: the header's qform and sform codes are 0, so position and orientation are unknown "
+            "(ITK would assume them); write the file with its affine",
+            path,
+        )
     stored = np.dtype(image.header.get_data_dtype())
     scaled = any(v is not None and not np.isfinite(v) for v in image.header.get_slope_inter())
     if not (np.issubdtype(stored, np.floating) or scaled):

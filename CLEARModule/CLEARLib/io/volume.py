@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # direction is kept. Beyond it the acquisition is oblique and needs explicit resampling.
 AXIAL_TOLERANCE_DEG = 1.0
 AIR_HU = -1024.0
+# Beyond every scanner's range, extended-scale metal included (about 30,000 HU); padding values such as
+# -2048, -3024 or int16's minimum are inside.
+PLAUSIBLE_HU = (-32768.0, 40000.0)
 LPS_RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS: x and y change sign, the same map both ways
 
 
@@ -93,6 +96,15 @@ class CTVolume:
             if bad:
                 raise CLEARInputError(
                     f"{bad} of {hu.size} voxels are NaN or infinite; CLEAR does not guess their HU", source
+                )
+        if hu.dtype != np.int16:  # int16 cannot leave the range
+            low, high = float(hu.min()), float(hu.max())
+            if low < PLAUSIBLE_HU[0] or high > PLAUSIBLE_HU[1]:
+                outside = int(np.count_nonzero((hu < PLAUSIBLE_HU[0]) | (hu > PLAUSIBLE_HU[1])))
+                raise CLEARInputError(
+                    f"{outside} voxels lie outside any CT's HU range {PLAUSIBLE_HU} (min {low:.4g}, max {high:.4g}); "
+                    "check the RescaleSlope/Intercept or the file's scaling",
+                    source,
                 )
         spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
