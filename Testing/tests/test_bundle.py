@@ -157,11 +157,31 @@ def test_altered_or_non_finite_weights_are_refused(tmp_path, tiny_case_bundle):
         (lambda m: m["weights"].update(file="../../etc/passwd"), "weights.file: String should match pattern"),
         (
             lambda m: m["encoder"]["kwargs"].update(checkpoint_path="/etc/passwd"),
-            r"do not build mambaout_femto: .*does not take \['checkpoint_path'\]",
+            r"of mambaout_femto do not build the model: .*does not take \['checkpoint_path'\]",
         ),
         (lambda m: m["weights"].update(file="other.safetensors"), "other.safetensors is missing"),
+        (lambda m: m["preprocessing"]["windows"][0].update(low=900), r"low \(900.0\) must be below high"),
+        (lambda m: m["encoder"]["input"].update(mean=[0.5]), "mean and std need 3 values each"),
+        (lambda m: m["head"]["kwargs"].update(bogus=1), "do not build the model: .*bogus"),
+        (lambda m: m["head"]["kwargs"].update(hidden_dim=10**6), r"build \d+ values but the weights file holds"),
+        (lambda m: m["encoder"]["kwargs"].update(dims=[8000, 16000, 24000, 32000]), r"build \d+ values but"),
     ],
-    ids=["schema", "labels", "kind", "arch", "dim", "extra", "outside", "timm-file", "file"],
+    ids=[
+        "schema",
+        "labels",
+        "kind",
+        "arch",
+        "dim",
+        "extra",
+        "outside",
+        "timm-file",
+        "file",
+        "window",
+        "mean",
+        "head-kwarg",
+        "head-bomb",
+        "encoder-bomb",
+    ],  # fmt: skip
 )
 def test_manifest_problems_are_named(tmp_path, tiny_case_bundle, edit, message):
     folder = _unzip(tiny_case_bundle, tmp_path / "b")

@@ -18,10 +18,18 @@ class _Strict(BaseModel):
 
 
 class InputSpecModel(_Strict):
-    size: int = Field(ge=8)
-    channels: int = Field(default=3, ge=1)
+    size: int = Field(ge=8, le=4096)
+    channels: int = Field(default=3, ge=1, le=16)
     mean: list[float]
     std: list[float]
+
+    @model_validator(mode="after")
+    def _per_channel(self):
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} values each (one per channel)")
+        if min(self.std) <= 0:
+            raise ValueError("std must be positive")
+        return self
 
 
 class EncoderSpec(_Strict):
@@ -37,6 +45,12 @@ class WindowSpec(_Strict):
     low: float
     high: float
 
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"window {self.name!r}: low ({self.low}) must be below high ({self.high})")
+        return self
+
 
 class CasePreprocessing(_Strict):
     windows: list[WindowSpec] = Field(min_length=1)
@@ -45,8 +59,8 @@ class CasePreprocessing(_Strict):
 
 
 class LesionPreprocessing(_Strict):
-    patch_size: int = 50
-    spacing_mm: float = 1.0
+    patch_size: int = Field(50, ge=8, le=256)
+    spacing_mm: float = Field(1.0, gt=0, le=10)
     intensity: Literal["(HU+1024)/3072"] = "(HU+1024)/3072"
     outside_hu: float = -1024.0
 

@@ -276,6 +276,27 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: s
     module.load_state_dict(state, strict=True)
 
 
+def _build_checked(build, state: dict[str, torch.Tensor], what: str, path) -> nn.Module:
+    """Build a module from manifest arguments, first without memory (torch's meta device): arguments that do
+    not build it, or that would build far more parameters than the weights file holds (a manifest asking for
+    a 9 GB model), are bad input before anything is allocated. Smaller mismatches are named tensor by tensor
+    by load_state_strict."""
+    available = sum(t.numel() for t in state.values())
+    try:
+        with torch.device("meta"):
+            needed = sum(t.numel() for t in build().state_dict().values())
+    except NotImplementedError:  # a model whose initialisation copies data cannot be built on meta
+        needed = None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CLEARInputError(f"{what} do not build the model: {exc}", path) from exc
+    if needed is not None and needed > 4 * available + 1_000_000:
+        raise CLEARInputError(f"{what} build {needed} values but the weights file holds {available}", path)
+    try:
+        return build()
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: out of memory, among others
+        raise CLEARInputError(f"{what} do not build the model: {exc}", path) from exc
+
+
 def _check_tensors(tensors: dict[str, torch.Tensor], path) -> None:
     """Weights with NaN or infinite values would give NaN predictions with a clean exit: refused."""
     for name, tensor in tensors.items():
@@ -312,18 +333,19 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise CLEARInputError(str(exc.args[0]), path) from exc
     if entry.kind != ENCODER_KIND[manifest.kind]:
         raise CLEARInputError(f"{entry.name} is a {entry.kind} encoder, but the bundle kind is {manifest.kind}", path)
-    try:
-        encoder = create_encoder(manifest.encoder.architecture, **manifest.encoder.kwargs)
-    except (TypeError, ValueError) as exc:
-        raise CLEARInputError(
-            f"encoder.kwargs {manifest.encoder.kwargs} do not build {manifest.encoder.architecture}: {exc}", path
-        ) from exc
+    encoder_state = {k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    head_state = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
+    kwargs = manifest.encoder.kwargs
+    encoder = _build_checked(
+        lambda: create_encoder(manifest.encoder.architecture, **kwargs),
+        encoder_state,
+        f"encoder.kwargs {kwargs} of {manifest.encoder.architecture}",
+        path,
+    )
     if encoder.num_features != manifest.encoder.feature_dim:
         raise CLEARInputError(
             f"encoder gives {encoder.num_features} features, manifest says {manifest.encoder.feature_dim}", path
         )
-    encoder_state = {k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")}
-    head_state = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
     other = sorted(k for k in tensors if not k.startswith(("encoder.", "head.")))
     if other:
         raise CLEARInputError(f"unexpected tensors outside encoder.* and head.*: {', '.join(other[:5])}", path)
@@ -337,7 +359,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         )
     head = None
     if manifest.head is not None:
-        head = _head_from_spec(manifest.head, manifest.encoder.feature_dim)
+        spec, feature_dim = manifest.head, manifest.encoder.feature_dim
+        what = f"head {spec.type} {spec.kwargs}"
+        head = _build_checked(lambda: _head_from_spec(spec, feature_dim), head_state, what, path)
         load_state_strict(head, head_state, "head", path)
     elif head_state:
         raise CLEARInputError(f"head tensors ({', '.join(sorted(head_state)[:3])}) but no head in the manifest", path)
