@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pydicom
@@ -549,3 +550,21 @@ def test_a_nifti_without_geometry_is_refused(tmp_path):
     nib.save(image, str(tmp_path / "nogeom.nii.gz"))
     with pytest.raises(CLEARInputError, match="nogeom.nii.gz: no geometry: the header's qform and sform codes are 0"):
         read_ct(tmp_path / "nogeom.nii.gz")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode; needs an ordinary user")
+def test_an_unreadable_slice_or_sub_folder_is_named(tmp_path, phantom):
+    volume, _ = phantom
+    paths = write_dicom_series(layout_of(volume), tmp_path / "s" / "series")
+    paths[2].chmod(0o000)
+    try:
+        with pytest.raises(CLEARInputError, match=f"cannot read {paths[2].name}"):
+            read_ct(tmp_path / "s")
+    finally:
+        paths[2].chmod(0o644)
+    (tmp_path / "s" / "series").chmod(0o000)
+    try:
+        with pytest.raises(CLEARInputError, match="cannot list .*series"):
+            read_ct(tmp_path / "s")
+    finally:
+        (tmp_path / "s" / "series").chmod(0o755)

@@ -10,6 +10,7 @@ and non-CT modalities are reported by file instead of being silently resampled o
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ class _Frame:
 def _read_header(path: Path):
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
+    except PermissionError as exc:  # a slice we may not read is a missing slice, not "not DICOM"
+        raise CLEARInputError(f"cannot read {path.name}: {exc.strerror}", path.parent) from exc
     except (InvalidDicomError, OSError, EOFError):
         return None
     except Exception as exc:  # a DICOM file pydicom cannot parse at all
@@ -190,7 +193,15 @@ class _Series:
 
 
 def _scan_folder(folder: Path) -> dict[str, _Series]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = []
+
+    def unreadable(error: OSError):  # a sub-folder that cannot be listed may hold slices: say so
+        raise CLEARInputError(f"cannot list {error.filename}: {error.strerror}", folder) from error
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
+    files.sort()
     series: dict[str, _Series] = {}
     skipped_localizers = defaultdict(int)
     for path in files:
