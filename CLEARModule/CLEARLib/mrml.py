@@ -71,7 +71,8 @@ def volume_from_node(node) -> CTVolume:
     ijk_to_lps = _RAS_FROM_LPS @ _matrix(ijk_to_ras)  # the same diagonal maps RAS to LPS
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     direction = ijk_to_lps[:3, :3] / spacing
-    hu = slicer.util.arrayFromVolume(node)  # [k, j, i]
+    # [k, j, i]; a copy: a background job must not see the node change under it (arrayFromVolume is a view)
+    hu = slicer.util.arrayFromVolume(node).copy()
     meta = {"source": f"Slicer volume node {node.GetName()}", "node_id": node.GetID()}
     return CTVolume.from_array(hu, spacing, ijk_to_lps[:3, 3], direction, meta=meta, source=node.GetName())
 

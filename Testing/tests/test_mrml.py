@@ -50,6 +50,15 @@ def test_volume_node_to_ctvolume(scene, phantom, perm, flip):
     np.testing.assert_allclose(read.direction, np.eye(3), atol=1e-12)
 
 
+def test_a_volume_read_from_a_node_is_its_own_copy(scene, phantom):
+    """A background job works on the CTVolume while the user may edit the node."""
+    volume, _ = phantom
+    node = mrml.node_from_volume(volume, scene)
+    read = mrml.volume_from_node(node)
+    slicer.util.arrayFromVolume(node)[:] = 0
+    np.testing.assert_array_equal(read.hu, volume.hu)
+
+
 def test_volume_node_round_trip_and_ras_points(scene, big_lesion_phantom):
     volume, lesion = big_lesion_phantom
     node = mrml.node_from_volume(volume, scene)
