@@ -121,6 +121,13 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path, tiny_case_bundle)
         load_bundle(bomb)
 
 
+def test_a_deeply_nested_manifest_is_refused(tmp_path, tiny_case_bundle):
+    folder = _unzip(tiny_case_bundle, tmp_path / "b")
+    (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CLEARInputError, match="manifest.json nests too deeply"):
+        load_bundle(folder)
+
+
 def test_a_weights_file_that_never_ends_is_refused(tmp_path, tiny_case_bundle):
     folder = _unzip(tiny_case_bundle, tmp_path / "b")
     (folder / "weights.safetensors").unlink()

@@ -568,3 +568,24 @@ def test_an_unreadable_slice_or_sub_folder_is_named(tmp_path, phantom):
             read_ct(tmp_path / "s")
     finally:
         (tmp_path / "s" / "series").chmod(0o755)
+
+
+def test_headers_are_checked_before_the_voxels_are_read(tmp_path):
+    import gzip
+
+    import SimpleITK as sitk
+
+    bomb = tmp_path / "bomb.nrrd"  # a few bytes that claim 8e9 voxels
+    header = b"NRRD0004\ntype: int16\ndimension: 3\nsizes: 2000 2000 2000\nendian: little\nencoding: gzip\n"
+    header += b"spacings: 1 1 1\n\n"
+    bomb.write_bytes(header + gzip.compress(bytes(1024)))
+    with pytest.raises(CLEARInputError, match=r"bomb.nrrd: the header declares 8000000000 voxels"):
+        read_ct(bomb)
+    flipped = tmp_path / "flip.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(flipped))
+    data = flipped.read_bytes()
+    start = data.index(b"ElementSpacing = ")
+    end = data.index(b"\n", start)
+    flipped.write_bytes(data[:start] + b"ElementSpacing = -1 1 1" + data[end:])
+    with pytest.raises(CLEARInputError, match="flip.mha: negative ElementSpacing -1 1 1"):
+        read_ct(flipped)

@@ -242,6 +242,8 @@ def _parse_manifest(raw: bytes, path: Path) -> Manifest:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CLEARInputError(f"{MANIFEST} is not valid JSON: {exc}", path) from exc
+    except RecursionError as exc:  # thousands of nested brackets
+        raise CLEARInputError(f"{MANIFEST} nests too deeply to be a manifest", path) from exc
     if not isinstance(data, dict):
         raise CLEARInputError(f"{MANIFEST} must hold a JSON object", path)
     if data.get("schema_version") != SCHEMA_VERSION:

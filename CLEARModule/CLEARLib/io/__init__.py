@@ -50,6 +50,7 @@ def read_ct(
     if path.is_dir() or not _is_image_file(path):
         return read_dicom(path, series_uid=series_uid, allow_non_ct=allow_non_ct, resample_oblique=resample_oblique)
     _confine_detached_data(path)
+    _check_header_before_reading(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -59,6 +60,38 @@ def read_ct(
     if meta["format"] in ("nii", "nii.gz"):
         _refuse_non_finite_nifti(path)
     return CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
+
+
+# The largest CTs (512 x 512 x 4,000 slices) hold about 1e9 voxels; a header that declares more than twice
+# that is refused before a compressed file inflates (a 6 MB gzip NRRD can hold 6 GiB of zeros).
+MAX_VOXELS = 2_000_000_000
+
+
+def _check_header_before_reading(path: Path) -> None:
+    """What the header says, checked before the voxels are read: their number, and (MetaImage) spacing signs
+    that ITK would drop (a negative spacing is a flip; CLEAR will not guess which)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise CLEARInputError(f"cannot read image file: {message}", path) from exc
+    n_voxels = 1
+    for size in reader.GetSize():
+        n_voxels *= int(size)
+    if n_voxels > MAX_VOXELS:
+        raise CLEARInputError(f"the header declares {n_voxels} voxels ({reader.GetSize()}), more than any CT", path)
+    if path.name.lower().endswith((".mha", ".mhd")):
+        with open(path, "rb") as f:
+            header = f.read(65536).decode("latin-1")
+        for line in header.splitlines():
+            name, _, value = line.partition("=")
+            if name.strip().lower() in ("elementspacing", "elementsize"):
+                if any(v.startswith("-") for v in value.split()):
+                    raise CLEARInputError(f"negative {name.strip()} {value.strip()}: a flip that ITK drops", path)
+            if name.strip().lower() == "elementdatafile":
+                break
 
 
 def _confine_detached_data(path: Path) -> None:
