@@ -589,3 +589,12 @@ def test_headers_are_checked_before_the_voxels_are_read(tmp_path):
     flipped.write_bytes(data[:start] + b"ElementSpacing = -1 1 1" + data[end:])
     with pytest.raises(CLEARInputError, match="flip.mha: negative ElementSpacing -1 1 1"):
         read_ct(flipped)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 64, 64)])
+def test_a_single_voxel_or_slice_image_is_not_a_ct(tmp_path, shape):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros(shape[::-1], np.int16), np.eye(4)), str(tmp_path / "tiny.nii.gz"))
+    with pytest.raises(CLEARInputError, match=r"tiny.nii.gz: shape .* needs at least 2 voxels on every axis"):
+        read_ct(tmp_path / "tiny.nii.gz")

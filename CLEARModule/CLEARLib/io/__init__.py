@@ -59,7 +59,11 @@ def read_ct(
     meta = {"format": next(suffix for suffix in IMAGE_SUFFIXES if path.name.lower().endswith(suffix)).lstrip(".")}
     if meta["format"] in ("nii", "nii.gz"):
         _refuse_non_finite_nifti(path)
-    return CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
+    volume = CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
+    if min(volume.shape) < 2:  # as for DICOM series: a single slice or voxel is not a CT volume to score
+        problem = f"shape (z, y, x) {volume.shape}: a CT volume needs at least 2 voxels on every axis"
+        raise CLEARInputError(problem, path)
+    return volume
 
 
 # The largest CTs (512 x 512 x 4,000 slices) hold about 1e9 voxels; a header that declares more than twice
