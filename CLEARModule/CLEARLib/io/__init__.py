@@ -87,15 +87,32 @@ def _check_header_before_reading(path: Path) -> None:
     if n_voxels > MAX_VOXELS:
         raise CLEARInputError(f"the header declares {n_voxels} voxels ({reader.GetSize()}), more than any CT", path)
     if path.name.lower().endswith((".mha", ".mhd")):
+        fields = _text_header(path)
+        for name in ("ElementSpacing", "ElementSize"):
+            value = fields.get(name.lower(), "")
+            if any(v.startswith("-") for v in value.split()):
+                raise CLEARInputError(f"negative {name} {value}: a flip that ITK drops", path)
+
+
+def _text_header(path: Path) -> dict[str, str]:
+    """The fields of a MetaImage (`Key = value`, .mha/.mhd) or detached NRRD (`key: value`, .nhdr) header,
+    keys lowercased, read up to the voxel data (at most 64 KiB)."""
+    metaimage = path.name.lower().endswith((".mha", ".mhd"))
+    try:
         with open(path, "rb") as f:
-            header = f.read(65536).decode("latin-1")
-        for line in header.splitlines():
-            name, _, value = line.partition("=")
-            if name.strip().lower() in ("elementspacing", "elementsize"):
-                if any(v.startswith("-") for v in value.split()):
-                    raise CLEARInputError(f"negative {name.strip()} {value.strip()}: a flip that ITK drops", path)
-            if name.strip().lower() == "elementdatafile":
-                break
+            text = f.read(65536).decode("latin-1")
+    except OSError as exc:
+        raise CLEARInputError(f"cannot read the header: {exc.strerror}", path) from exc
+    fields = {}
+    for line in text.splitlines():
+        if not metaimage and not line.strip():
+            break  # NRRD: a blank line ends the header
+        name, sep, value = line.partition("=" if metaimage else ":")
+        if sep:
+            fields[name.strip().lower()] = value.strip()
+        if metaimage and name.strip().lower() == "elementdatafile":
+            break  # MetaImage: the last field; with LOCAL the voxels follow
+    return fields
 
 
 def _confine_detached_data(path: Path) -> None:
@@ -104,25 +121,17 @@ def _confine_detached_data(path: Path) -> None:
     lower = path.name.lower()
     if not lower.endswith((".mhd", ".nhdr")):
         return
-    key = "elementdatafile" if lower.endswith(".mhd") else ("data file", "datafile")
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        raise CLEARInputError(f"cannot read the header: {exc.strerror}", path) from exc
-    for line in lines:
-        name, sep, value = line.partition("=" if lower.endswith(".mhd") else ":")
-        if not sep or not name.strip().lower().startswith(key):
-            continue
-        value = value.strip()
-        if value.upper() == "LOCAL":  # the voxels follow the header in this same file
-            return
-        if value.upper().startswith("LIST") or "%" in value:
-            raise CLEARInputError(f"data file {value!r} is not supported; give one data file beside the header", path)
-        data = (path.parent / value).resolve()
-        if Path(value).is_absolute() or path.parent.resolve() not in data.parents:
-            raise CLEARInputError(f"the header's data file {value!r} lies outside the header's folder", path)
-        if not data.is_file():
-            raise CLEARInputError(f"the header's data file {value!r} is missing or not a regular file", path)
+    fields = _text_header(path)
+    value = fields.get("elementdatafile") if lower.endswith(".mhd") else fields.get("data file", fields.get("datafile"))
+    if value is None or value.upper() == "LOCAL":  # no data file named (ITK reports it), or voxels in this file
+        return
+    if value.upper().startswith("LIST") or "%" in value:
+        raise CLEARInputError(f"data file {value!r} is not supported; give one data file beside the header", path)
+    data = (path.parent / value).resolve()
+    if Path(value).is_absolute() or path.parent.resolve() not in data.parents:
+        raise CLEARInputError(f"the header's data file {value!r} lies outside the header's folder", path)
+    if not data.is_file():
+        raise CLEARInputError(f"the header's data file {value!r} is missing or not a regular file", path)
 
 
 def _refuse_non_finite_nifti(path: Path) -> None:
