@@ -75,13 +75,14 @@ def run_batch(
         except Exception as exc:  # one bad case must not stop the batch
             rows.append({**row, "status": "failed", "error": str(exc)})
             continue
+        read = volume.input_record()
         top = result.top_slices(top_k)
         rows.append(
             {
                 **row,
                 "status": "ok",
                 "error": "",
-                **{key: volume.input_record().get(key, "") for key in ("patient_id", "series_instance_uid")},
+                **{key: read.get(key, "") for key in ("patient_id", "series_instance_uid")},
                 **{f"p_{label}": result.probabilities[label] for label in labels},
                 "top_slices": " ".join(str(int(s)) for s in top.slice_index),
                 "top_window": str(top.window.iloc[0]),

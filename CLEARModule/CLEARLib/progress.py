@@ -80,7 +80,7 @@ class ProgressBar:
         return round(fraction * self.total) if self.total else 100 * fraction
 
     def _line(self, fraction: float, message: str, elapsed: float) -> str:
-        done = f"{round(fraction * self.total)}/{self.total} {self.unit}" if self.total else f"{100 * fraction:.0f}%"
+        done = f"{self._count(fraction)}/{self.total} {self.unit}" if self.total else f"{self._count(fraction):.0f}%"
         line = f"{self.desc}: {done}, {elapsed:.0f} s"
         if self.baseline < fraction < 1:
             line += f", about {elapsed * (1 - fraction) / (fraction - self.baseline):.0f} s left"

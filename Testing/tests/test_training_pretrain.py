@@ -261,20 +261,15 @@ def test_prepare_ct_from_a_cohort_with_key_slices(tmp_path):
         prepare_ct(tmp_path / "cohort.csv", tmp_path / "bad", tmp_path / "bad.csv", size=40)
 
 
+# Views without flips or intensity augmentation: what the geometry alone does.
+PLAIN = {"hflip": 0, "window_jitter": 0, "contrast": 0, "gamma": 0, "noise_std": 0, "blur_p": 0}
+
+
 def test_lesion_crop_is_centred_on_the_box_centre():
     hu = torch.full((1, 64, 64), -1000, dtype=torch.int16)
     hu[0, 20:30, 40:52] = 200  # rows 20-29 (y), columns 40-51 (x)
     box = torch.tensor([[40.0, 20.0, 52.0, 30.0]])  # x1, y1, x2, y2
-    cfg = ViewConfig(
-        spec=InputSpec(size=24, channels=1, mean=(0.0,), std=(1.0,)),
-        lesion_context=(1.0, 1.0),
-        hflip=0,
-        contrast=0,
-        gamma=0,
-        noise_std=0,
-        blur_p=0,
-        window_jitter=0,
-    )
+    cfg = ViewConfig(spec=InputSpec(size=24, channels=1, mean=(0.0,), std=(1.0,)), lesion_context=(1.0, 1.0), **PLAIN)
     g = torch.Generator().manual_seed(0)
     view = make_views(hu, torch.tensor([[-175.0, 275.0]]), cfg, g, lesion_boxes(box, (64, 64), cfg, g, "cpu"))
     # The crop spans the box's longer side (12 px) around its centre (46, 25): rows 19-30 of which
@@ -313,17 +308,8 @@ def test_moco_v3_colour_augmentations():
     assert torch.equal(_color_jitter(x, never, torch.Generator().manual_seed(0)), x)
     # Solarisation inverts the bright half only; with p 1 every view is solarised.
     hu = torch.linspace(-175, 275, 32 * 32).view(1, 32, 32).repeat(2, 1, 1).to(torch.int16)
-    plain = dict(
-        spec=InputSpec(size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
-        scale=(1.0, 1.0),
-        ratio=(1.0, 1.0),
-        hflip=0,
-        window_jitter=0,
-        contrast=0,
-        gamma=0,
-        noise_std=0,
-        blur_p=0,
-    )
+    plain = dict(spec=InputSpec(size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                 **PLAIN)  # fmt: skip
     bounds = torch.tensor([[-175.0, 275.0]] * 2)
     base = make_views(hu, bounds, ViewConfig(**plain), torch.Generator().manual_seed(1))
     solar = make_views(hu, bounds, ViewConfig(**plain, solarize_p=1.0), torch.Generator().manual_seed(1))

@@ -27,7 +27,7 @@ from CLEARLib.files import atomic_path, check_writable, remove_stale_temporaries
 from CLEARLib.io import CTVolume, read_ct
 from CLEARLib.io.cohort import file_stem_for, read_cohort
 from CLEARLib.io.deeplesion import read_deeplesion_study
-from CLEARLib.io.radchest import read_radchest
+from CLEARLib.io.radchest import RADCHEST_DEFAULT_SPACING, read_radchest
 from CLEARLib.progress import report as report_progress
 from CLEARLib.progress import scaled
 
@@ -55,7 +55,7 @@ def read_case(row) -> CTVolume:
             raise CLEARInputError("DeepLesion studies need spacing_x, spacing_y, spacing_z columns", row.path)
         return read_deeplesion_study(Path(row.path), spacing)
     if fmt == "radchest":
-        return read_radchest(Path(row.path), spacing) if spacing else read_radchest(Path(row.path))
+        return read_radchest(Path(row.path), spacing or RADCHEST_DEFAULT_SPACING)
     raise CLEARInputError(f"unknown cohort format {fmt!r}", row.path)
 
 

@@ -12,13 +12,16 @@ import os
 from pathlib import Path, PurePath
 
 from ..errors import CLEARInputError
+from . import IMAGE_SUFFIXES
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".npz")
+# What a case name drops: the image formats read_ct knows, single DICOM files and RAD-ChestCT's .npz;
+# longest first, so that "ct.nii.gz" loses ".nii.gz", not ".gz".
+_NAME_SUFFIXES = tuple(sorted({*IMAGE_SUFFIXES, ".dcm", ".npz"}, key=len, reverse=True))
 
 
 def _without_image_suffix(name: str) -> str:
     lower = name.lower()
-    for suffix in _IMAGE_SUFFIXES:
+    for suffix in _NAME_SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
