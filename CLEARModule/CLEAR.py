@@ -243,20 +243,38 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("CLEAR could not start.", waitCursor=True):
             bundle = self._bundleForRun()
             self._ctVolume = self.logic.volumeFromNode(self._parameterNode.inputVolume)
-            self._startJob(
-                lambda progress, cancel: self.logic.predictCase(
-                    self._ctVolume, bundle, self._parameterNode.device, progress, cancel
-                ),
-                self._onCaseDone,
+            from CLEARLib.jobs import BackgroundJob
+
+            work = lambda progress, cancel: self.logic.predictCase(  # noqa: E731
+                self._ctVolume, bundle, self._parameterNode.device, progress, cancel
             )
+            self._startJob(BackgroundJob(work).start(), self._onCaseDone)
 
-    def _startJob(self, work, onDone):
-        """Run `work(progress, cancel)` as a BackgroundJob; `onDone(result)` runs on the GUI thread."""
-        from CLEARLib.jobs import BackgroundJob
-
-        self._job, self._onJobDone = BackgroundJob(work).start(), onDone
+    def _startJob(self, job, onDone):
+        """Drive a started BackgroundJob from the timer; `onDone(result)` runs on the GUI thread."""
+        self._job, self._onJobDone = job, onDone
         self._timer.start()
         self._updateButtons()
+
+    def startBatch(self, inputs, bundle, device="auto", **options):
+        """A cohort in the background (CLEARLib.batch.start_batch) with the module's progress bar and Cancel:
+        finished cases appear in the scene's tables as they complete; returns the BatchJob (`partial()`,
+        `done`, `result` once done)."""
+        from CLEARLib.batch import start_batch
+
+        if self._job is not None:
+            raise RuntimeError("CLEAR is already running a job; cancel it or wait for it to finish")
+        if not ensure_dependencies():
+            return None
+        job = start_batch(inputs, bundle, device=device, scene=slicer.mrmlScene, **options)
+        self._startJob(job, self._onBatchDone)
+        return job
+
+    def _onBatchDone(self, result):
+        ok = int((result.predictions.status == "ok").sum())
+        ending = f"stopped ({result.stopped})" if result.stopped else "done"
+        self._setProgress(1.0 if result.complete else self.ui.progressBar.value / 100, f"batch {ending}: {ok} cases ok")
+        self.ui.resultsTableView.setMRMLTableNode(result.predictions_node)
 
     def _pollJob(self):
         job = self._job
@@ -389,12 +407,12 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = self.logic.volumeFromNode(p.inputVolume)
             self.logic.showPatch(volume, p.seed)
             seed, bundle, stability, device = p.seed, str(p.lesionBundlePath), p.stability, p.device
-            self._startJob(
-                lambda progress, cancel: self.logic.predictLesion(
-                    volume, seed, bundle, stability, device, progress, cancel
-                ),
-                self._onLesionDone,
+            from CLEARLib.jobs import BackgroundJob
+
+            work = lambda progress, cancel: self.logic.predictLesion(  # noqa: E731
+                volume, seed, bundle, stability, device, progress, cancel
             )
+            self._startJob(BackgroundJob(work).start(), self._onLesionDone)
 
     def _onLesionDone(self, result):
         lines = [f"{label}: {prob:.3f}" for label, prob in result.probabilities.items()] or ["features only"]
@@ -512,11 +530,12 @@ class CLEARLogic(ScriptedLoadableModuleLogic):
         return mrml.KeySliceAnnotations(slicer.mrmlScene, volumeNode.GetName(), volume, node=existing)
 
     @staticmethod
-    def runBatch(inputs, bundle, device="auto", progress=None, cancel=None):
-        """Python-console batch: volume nodes and/or CT paths -> predictions and attention tables."""
+    def runBatch(inputs, bundle, device="auto", progress="print", cancel=None, **options):
+        """Python-console batch on the main thread (CLEARLib.batch.run_batch): the GUI waits until it ends;
+        the widget's `startBatch` runs the same in the background."""
         from CLEARLib.batch import run_batch
 
-        return run_batch(inputs, bundle, device=device, scene=slicer.mrmlScene, progress=progress, cancel=cancel)
+        return run_batch(inputs, bundle, device, slicer.mrmlScene, progress, cancel, **options)
 
 
 class CLEARTest(ScriptedLoadableModuleTest):
@@ -611,5 +630,13 @@ class CLEARTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Batch API")
             batch = logic.runBatch([node], caseBundle, device="cpu")
             self.assertEqual(list(batch.predictions.status), ["ok"])
+
+            self.delayDisplay("Batch in the background, through the module's job runner")
+            widget = slicer.modules.clear.widgetRepresentation().self()
+            job = widget.startBatch({"case 1": node}, caseBundle, device="cpu", tables="keep")
+            while widget._job is not None:  # the widget's timer polls the job and fills the tables
+                slicer.app.processEvents()
+            self.assertEqual(list(job.result.predictions.case), ["case 1"])
+            self.assertEqual(job.result.predictions_node.GetNumberOfRows(), 1)
         logging.info("CLEAR self-test passed")
         self.delayDisplay("Test passed")

@@ -117,6 +117,24 @@ def table_from_frame(scene, frame: pd.DataFrame, name: str, node=None):
     return node
 
 
+def append_to_table(node, frame: pd.DataFrame) -> None:
+    """Add `frame`'s rows to a table node filled by `table_from_frame` with the same columns, without
+    rewriting the rows already there (a batch adds each finished case to tables of many thousand rows)."""
+    if node.GetNumberOfColumns() == 0:
+        _fill_table(node, frame)
+        return
+    table = node.GetTable()
+    for column in frame.columns:
+        array = table.GetColumnByName(str(column))
+        if array is None:
+            raise ValueError(f"table {node.GetName()!r} has no column {column!r}")
+        numeric = isinstance(array, vtk.vtkDoubleArray)
+        for value in frame[column].to_numpy():
+            array.InsertNextValue(float(value) if numeric else str(value))
+    table.Modified()
+    node.Modified()
+
+
 def results_to_table(result, scene, node=None, name: str = "CLEAR predictions"):
     """label, probability rows in a table node."""
     frame = pd.DataFrame({"label": result.labels, "probability": list(result.probabilities.values())})

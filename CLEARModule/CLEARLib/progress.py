@@ -30,14 +30,17 @@ class ProgressBar:
     """A ProgressCallback for command lines.
 
     `total` counts the job's items (cases, steps, seeds) so that the bar shows a rate; without it the bar
-    shows percent. On a terminal: tqdm; elsewhere: one plain line every `every_s` seconds and one at the end.
+    shows percent. On a terminal: tqdm; elsewhere: one plain line every `every_s` seconds and one at the end,
+    and with `line_per_item` also one as each item finishes (a batch's per-case status in a log or console).
     """
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "it", quiet: bool = False,
-                 stream=None, every_s: float = 10.0):  # fmt: skip
+                 stream=None, every_s: float = 10.0, line_per_item: bool = False):  # fmt: skip
         self.desc, self.total, self.unit, self.quiet = desc, total, unit, quiet
         self.stream = stream if stream is not None else sys.stderr
         self.every_s = every_s
+        self.line_per_item = line_per_item and bool(total)
+        self.items_shown = 0
         self.started = time.monotonic()
         self.last_line = self.started
         self.finished = False
@@ -69,8 +72,9 @@ class ProgressBar:
             self.bar.set_postfix_str(message, refresh=True)
         else:
             now = time.monotonic()
-            if fraction >= 1.0 or now - self.last_line >= self.every_s:
-                self.last_line = now
+            finished_items = int(fraction * self.total + 1e-9) if self.line_per_item else 0
+            if fraction >= 1.0 or now - self.last_line >= self.every_s or finished_items > self.items_shown:
+                self.last_line, self.items_shown = now, max(self.items_shown, finished_items)
                 print(self._line(fraction, message, now - self.started), file=self.stream, flush=True)
         if fraction >= 1.0:
             self.close()
@@ -85,6 +89,11 @@ class ProgressBar:
         if self.baseline < fraction < 1:
             line += f", about {elapsed * (1 - fraction) / (fraction - self.baseline):.0f} s left"
         return f"{line}  {message}".rstrip()
+
+    def note(self, message: str) -> None:
+        """A line of its own (a stop, a warning), also after the bar has closed."""
+        if not self.quiet:
+            print(f"{self.desc}: {message}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None and not self.finished:

@@ -496,7 +496,9 @@ def test_detached_headers_read_only_their_own_data_file(tmp_path, header):
 
     import SimpleITK as sitk
 
-    volume = CTVolume.from_array(np.full((4, 8, 8), 40, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    hu = np.full((4, 8, 8), 40, np.int16)
+    hu[-1] = -1000  # air: a volume of one value would be refused as a mask
+    volume = CTVolume.from_array(hu, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
     path = tmp_path / header
     sitk.WriteImage(sitk.GetImageFromArray(volume.hu), str(path))
     assert int(read_ct(path).hu[0, 0, 0]) == 40
@@ -598,3 +600,42 @@ def test_a_single_voxel_or_slice_image_is_not_a_ct(tmp_path, shape):
     nib.save(nib.Nifti1Image(np.zeros(shape[::-1], np.int16), np.eye(4)), str(tmp_path / "tiny.nii.gz"))
     with pytest.raises(CLEARInputError, match=r"tiny.nii.gz: shape .* needs at least 2 voxels on every axis"):
         read_ct(tmp_path / "tiny.nii.gz")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha"])
+@pytest.mark.parametrize("kept", [0.5, 0.97])
+def test_a_file_cut_short_is_refused_not_read_as_zeros(tmp_path, phantom, suffix, kept):
+    """ITK reads a cut NIfTI file with zeros for the missing voxels; every format must refuse it instead."""
+    import SimpleITK as sitk
+
+    volume, _ = phantom
+    image = sitk.GetImageFromArray(volume.hu)
+    full = tmp_path / f"full{suffix}"
+    sitk.WriteImage(image, str(full), useCompression=suffix != ".nii")
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: int(len(data) * kept)])
+    expected = {".nii": "voxel data is incomplete", ".nii.gz": "voxel data is incomplete", ".nrrd": "nrrd",
+                ".mha": "shorter than the header declares"}[suffix]  # fmt: skip
+    with pytest.raises(CLEARInputError, match=expected) as error:
+        read_ct(cut)
+    assert str(cut) in str(error.value)
+    assert read_ct(full).shape == volume.shape  # the whole file reads
+
+
+def test_a_label_map_file_is_not_a_ct_unless_allowed(tmp_path, phantom):
+    import SimpleITK as sitk
+
+    volume, _ = phantom
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[volume.hu > 100] = 1
+    labels[volume.hu < -500] = 3
+    path = tmp_path / "labels.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(path))
+    with pytest.raises(CLEARInputError, match=r"label map or mask, not a CT in HU: 3 distinct integer values in 0..3"):
+        read_ct(path)
+    assert read_ct(path, allow_non_ct=True).hu.max() == 3
+    # a CT cropped to soft tissue (no air, all values 0..255) still reads: it has far more distinct values
+    crop = np.clip(volume.hu, 0, 255).astype(np.int16) + np.arange(volume.hu.size).reshape(volume.shape) % 200
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(crop, 0, 255).astype(np.int16)), str(tmp_path / "crop.nrrd"))
+    assert read_ct(tmp_path / "crop.nrrd").shape == volume.shape

@@ -15,6 +15,7 @@ from .volume import AXIAL_TOLERANCE_DEG, CTVolume
 
 __all__ = [
     "AXIAL_TOLERANCE_DEG",
+    "refuse_label_map",
     "CTVolume",
     "read_ct",
     "write_volume",
@@ -51,19 +52,50 @@ def read_ct(
         return read_dicom(path, series_uid=series_uid, allow_non_ct=allow_non_ct, resample_oblique=resample_oblique)
     _confine_detached_data(path)
     _check_header_before_reading(path)
+    meta = {"format": next(suffix for suffix in IMAGE_SUFFIXES if path.name.lower().endswith(suffix)).lstrip(".")}
+    if meta["format"] in ("nii", "nii.gz"):
+        _refuse_incomplete_nifti(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise CLEARInputError(f"cannot read image file: {first_line}", path) from exc
-    meta = {"format": next(suffix for suffix in IMAGE_SUFFIXES if path.name.lower().endswith(suffix)).lstrip(".")}
+        last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        if meta["format"] in ("mha", "mhd") and "No such file" in last_line:  # MetaIO's words for short data
+            last_line = "the voxel data is unreadable or shorter than the header declares"
+        raise CLEARInputError(f"cannot read image file: {last_line}", path) from exc
     if meta["format"] in ("nii", "nii.gz"):
         _refuse_non_finite_nifti(path)
     volume = CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
     if min(volume.shape) < 2:  # as for DICOM series: a single slice or voxel is not a CT volume to score
         problem = f"shape (z, y, x) {volume.shape}: a CT volume needs at least 2 voxels on every axis"
         raise CLEARInputError(problem, path)
+    if not allow_non_ct:  # DICOM says its modality; an image file does not, so its values must
+        refuse_label_map(volume, path)
     return volume
+
+
+# A label map or mask holds a few small non-negative integers; a CT in HU holds air (about -1000) and
+# hundreds of distinct values even when cropped to one organ.
+_LABEL_MAP_MAX_VALUES = 64
+
+
+def refuse_label_map(volume: CTVolume, source=None) -> None:
+    """Raise `CLEARInputError` when the voxels look like a label map or mask (integers in 0..255, at most 64
+    distinct values), not CT in HU: scoring one gives a confident, meaningless answer."""
+    import numpy as np
+
+    hu = volume.hu
+    low, high = float(hu.min()), float(hu.max())
+    if low < 0 or high > 255:
+        return
+    if np.issubdtype(hu.dtype, np.floating) and not np.array_equal(hu, np.round(hu)):
+        return
+    distinct = int(np.count_nonzero(np.bincount(hu.astype(np.int64).ravel(), minlength=1)))
+    if distinct <= _LABEL_MAP_MAX_VALUES:
+        raise CLEARInputError(
+            f"this looks like a label map or mask, not a CT in HU: {distinct} distinct integer values in "
+            f"{low:.0f}..{high:.0f} and no air (about -1000 HU)",
+            source if source is not None else volume.meta.get("source"),
+        )
 
 
 # The largest CTs (512 x 512 x 4,000 slices) hold about 1e9 voxels; a header that declares more than twice
@@ -132,6 +164,40 @@ def _confine_detached_data(path: Path) -> None:
         raise CLEARInputError(f"the header's data file {value!r} lies outside the header's folder", path)
     if not data.is_file():
         raise CLEARInputError(f"the header's data file {value!r} is missing or not a regular file", path)
+
+
+def _refuse_incomplete_nifti(path: Path) -> None:
+    """ITK reads a NIfTI file whose voxel data stops early (a cut download or copy) without a word and fills
+    the rest with zeros, so the volume's top half would be water. The header says how many bytes follow it;
+    they must all be there (for .nii.gz, decompressed: a stream read, never held in memory)."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        header = nib.load(str(path)).header
+    except Exception as exc:  # nibabel's own header errors name the problem
+        raise CLEARInputError(f"cannot read the NIfTI header: {exc}", path) from exc
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        available = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while available < expected and (chunk := stream.read(min(1 << 20, expected - available))):
+                    available += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            pass  # a cut gzip stream ends early (the last partial chunk is not counted)
+        held = "the compressed stream ends before that"
+    else:
+        available = path.stat().st_size
+        held = f"the file holds {available}"
+    if available < expected:
+        raise CLEARInputError(
+            f"the voxel data is incomplete: the header declares {expected} bytes, {held} (a cut download or copy?)",
+            path,
+        )
 
 
 def _refuse_non_finite_nifti(path: Path) -> None:
