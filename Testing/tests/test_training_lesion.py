@@ -164,7 +164,7 @@ def test_pretraining_lowers_the_loss_resumes_exactly_and_exports(seed_table, cap
     rest = LesionPretrainer(_config(seed_table, "resumed", run__max_steps=6, method__loss="fmcib")).fit()
     assert [r["loss"] for r in rest] == [r["loss"] for r in history[3:]]
     long = LesionPretrainer(
-        _config(seed_table, "long", run__epochs=15, optim__name="adamw", optim__lr=0.3, method__crop_scale=[0.8, 1.0])
+        _config(seed_table, "long", run__epochs=15, optim__name="adamw", optim__lr=0.1, method__crop_scale=[0.8, 1.0])
     )
     losses = [r["loss"] for r in long.fit()]
     assert np.mean(losses[-6:]) < np.mean(losses[:6]), losses
