@@ -3,7 +3,10 @@
 - CLEARInputError: input CLEAR cannot use as given; the message names the file and the problem (exit 2).
 - CLEARRunError: a run that cannot go on although its input is fine (no GPU, no rendezvous, a diverged
   loss); said plainly, not blamed on the input (exit 1).
-- CLEARCancelled, Ctrl-C: the user stopped it (exit 130). Anything else is a bug and keeps its traceback.
+- CLEARCancelled, Ctrl-C: the user stopped it (exit 130).
+- CLEARPreempted: a scheduler's signal (SIGTERM, SIGUSR1) stopped a training run after it saved its state
+  (exit 128 + the signal's number, as a process killed by it would report, e.g. 143 for SIGTERM).
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ class CLEARCancelled(Exception):
     """Raised inside a long-running call when the user's cancel request is seen."""
 
 
+class CLEARPreempted(Exception):
+    """A run stopped by a scheduler's signal once its state was saved; rerunning it resumes."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 EXIT_INPUT, EXIT_RUN, EXIT_CANCELLED = 2, 1, 130
 
 
@@ -47,6 +58,9 @@ def run_command(prog: str, command, args) -> int:
     except CLEARRunError as exc:
         print(f"{prog}: failed: {exc}", file=sys.stderr)
         return EXIT_RUN
+    except CLEARPreempted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except (CLEARCancelled, KeyboardInterrupt):
         print(f"{prog}: stopped by the user", file=sys.stderr)
         return EXIT_CANCELLED

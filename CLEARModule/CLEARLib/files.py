@@ -28,10 +28,17 @@ def default_file_mode() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, keep_suffix: str = "") -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, keep_suffix: str = "", durable: bool = False, previous: str | os.PathLike | None = None
+) -> Iterator[Path]:
     """A temporary path beside `path` for writers that want a file name (h5py, torch.save, SimpleITK, which
     picks the format by `keep_suffix`); renamed to `path` with normal permissions when the block ends,
-    removed if it raises."""
+    removed if it raises.
+
+    `durable`: the file's data, then the rename, are flushed to the storage (fsync) before returning, so a
+    node that loses power or a job killed at once after it never finds a truncated file (checkpoints).
+    `previous`: the file `path` held until now is kept under this name, so one older version survives.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + keep_suffix, dir=path.parent)
@@ -39,9 +46,23 @@ def atomic_path(path: str | os.PathLike, keep_suffix: str = "") -> Iterator[Path
     try:
         yield Path(tmp)
         os.chmod(tmp, default_file_mode())
+        if durable:
+            _fsync(tmp)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

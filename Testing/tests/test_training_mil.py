@@ -66,6 +66,13 @@ def test_case_ids_that_differ_only_in_odd_characters_keep_their_own_features(tmp
     for i, case in enumerate(ids):
         data = read_features(feature_file(tmp_path / "f", case))
         assert data["attrs"]["case_id"] == case and data["slice_index"][-1] == 5 + i
+    # Two ranks (as under torchrun) take alternate cases; no two of them write one file.
+    reports = [
+        extract(tiny_case_bundle, tmp_path / "cohort.csv", tmp_path / "g", device="cpu", rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    assert sorted(reports[0]["done"] + reports[1]["done"]) == sorted(ids)
+    assert len({feature_file(tmp_path / "g", case) for case in ids}) == len(list((tmp_path / "g").glob("*.h5"))) == 4
 
 
 def _synthetic_cohort(root, n_cases=150, dim=16, seed=0):

@@ -43,6 +43,11 @@ class TrainingRunConfig(RunConfig):
     max_steps: int | None = Field(
         None, ge=1, description="stop after this many steps in all (a short trial); the bundle is exported as usual"
     )
+    resume_with_other_world_size: bool = Field(
+        False,
+        description="resume a checkpoint written by another number of processes (the global batch stays, the "
+        "per-rank random draws change, so the run is no longer exact)",
+    )
 
 
 class DataConfig(StrictModel):

@@ -1,7 +1,8 @@
 """torch.distributed set-up from the launcher's environment (torchrun, or srun under SLURM), and gathers.
 
-No launcher of our own: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under SLURM
-`srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the sbatch template exports the master address.
+No launcher of our own: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for its workers
+(training/slurm/train.sbatch starts one torchrun per node with a c10d rendezvous); a process started by srun
+alone has SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and needs MASTER_ADDR and MASTER_PORT set by its script.
 """
 
 from __future__ import annotations
@@ -87,3 +88,26 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def any_rank(flag: int, device: torch.device) -> int:
+    """The largest of every rank's `flag` (0 when none is set): a decision all ranks take together."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(flag)
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable, small), in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
