@@ -250,3 +250,28 @@ def test_ranks_on_node_local_folders_are_stopped_with_a_message(tmp_path, store)
     assert all("do not share one output folder" in output for output in outputs), outputs
     assert "rank 1: cannot see rank 0's files" in outputs[0]
     assert not list(tmp_path.glob("node*-scratch/last.pt")) and not (out_dir / "last.pt").exists()  # nothing trained
+
+
+def test_a_second_job_in_a_running_jobs_folder_is_refused(tmp_path, store, monkeypatch):
+    config = _config(tmp_path, store, "locked", run__max_steps=2)
+    monkeypatch.setenv("SLURM_JOB_ID", "111")
+    first = Trainer(load_config(config))  # holds run.lock until its fit ends
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = json.loads((tmp_path / "locked" / "run.lock").read_text())
+        assert lock["job"] == "111"
+        # the lock as another live process of another job would hold it
+        (tmp_path / "locked" / "run.lock").write_text(json.dumps({**lock, "job": "222", "pid": holder.pid}))
+        with pytest.raises(CLEARRunError, match="another run uses .*job 222.*give this run its own run.out_dir"):
+            Trainer(load_config(config))
+        monkeypatch.setenv("SLURM_JOB_ID", "222")  # the same job, requeued, takes its folder back
+        Trainer(load_config(config)).fit()
+        assert not (tmp_path / "locked" / "run.lock").exists()  # released when the run ends
+    finally:
+        holder.kill()
+        holder.wait()
+    del first
+    # a lock left by a process that is gone (kill -9) on this host does not block a new job
+    (tmp_path / "locked" / "run.lock").write_text(json.dumps({**lock, "job": "333", "pid": holder.pid}))
+    monkeypatch.setenv("SLURM_JOB_ID", "444")
+    assert Trainer(load_config(_config(tmp_path, store, "locked", run__max_steps=3))).global_step == 2

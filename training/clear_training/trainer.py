@@ -22,7 +22,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -34,7 +36,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from CLEARLib.errors import CLEARInputError, CLEARPreempted, CLEARRunError
-from CLEARLib.files import atomic_path, write_atomic
+from CLEARLib.files import atomic_path, write_atomic, write_json
 from CLEARLib.inference.runtime import autocast
 from CLEARLib.progress import report
 
@@ -46,6 +48,7 @@ CHECKPOINT = "last.pt"
 PREVIOUS_CHECKPOINT = "previous.pt"  # the checkpoint before last.pt, for when last.pt is unreadable
 CHECKPOINT_FORMAT = "clear-pretrain-v1"  # what clear_training.export reads
 SHARED_CHECK = ".clear-shared-storage-check"
+LOCK = "run.lock"
 # Config fields a resumed run may change: how long and how often, where it runs, where the data lives (a
 # staged copy). Every other field defines the run: a checkpoint with another value is another run.
 RESUMABLE_CHANGES = frozenset(
@@ -61,6 +64,18 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -165,8 +180,16 @@ class DistributedTrainer:
         self.out_dir = Path(config.run.out_dir)
         self.epoch, self.step, self.global_step = 0, 0, 0  # the next step to run
         self._saved_step = -1
-        checkpoint_digest = self._resume()
-        self._check_ranks_agree(checkpoint_digest)
+        # A rank that cannot start says why to all the others, which would otherwise wait for it in the first
+        # collective until its timeout.
+        problem, checkpoint_digest = None, ""
+        try:
+            checkpoint_digest = self._resume()
+            if self.dist.is_main:
+                self._take_lock()
+        except (CLEARInputError, CLEARRunError) as exc:
+            problem = exc
+        self._check_ranks_agree(checkpoint_digest, problem)
 
     # ------------------------------------------------------------------- to be provided by methods
     def prepare_data(self) -> int:
@@ -283,21 +306,65 @@ class DistributedTrainer:
         if len(kept) != len(lines):
             write_atomic(log_file, "".join(line + "\n" for line in kept))
 
-    def _check_ranks_agree(self, checkpoint_digest: str) -> None:
+    def _take_lock(self) -> None:
+        """One run per output folder at a time: run.lock names the job that trains here. A requeued job (same
+        SLURM job ID) or a lock whose process is gone on this host takes it over; any other is refused."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = self.out_dir / LOCK
+        mine = {"job": os.environ.get("SLURM_JOB_ID", ""), "host": socket.gethostname(), "pid": os.getpid()}
+        if lock.exists():
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            same_job = bool(mine["job"]) and holder.get("job") == mine["job"]
+            same_host = holder.get("host") == mine["host"]
+            pid = int(holder.get("pid", 0))
+            gone_or_mine = same_host and (pid == mine["pid"] or not _process_alive(pid))
+            if holder and not (same_job or gone_or_mine):
+                raise CLEARRunError(
+                    f"another run uses {self.out_dir}: job {holder.get('job') or '(none)'} on {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, since {holder.get('started')}. Two runs in one folder overwrite each "
+                    f"other's checkpoints: give this run its own run.out_dir, or delete {lock} if that run has ended"
+                )
+        write_json(lock, {**mine, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self._lock = lock
+
+    def release_lock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+            self._lock = None
+
+    def _check_ranks_agree(self, checkpoint_digest: str, problem: Exception | None) -> None:
         """Every rank must see one output folder (a file rank 0 writes there) and the same checkpoint and step:
-        with node-local folders, ranks would resume from different steps and their weights would part."""
+        with node-local folders, ranks would resume from different steps and their weights would part. A rank
+        that could not start (`problem`) stops every rank."""
         if not self.dist.enabled:
+            if problem is not None:
+                raise problem
             return
         token = uuid.uuid4().hex
         check = self.out_dir / SHARED_CHECK
-        if self.dist.is_main:
+        if self.dist.is_main and problem is None:
             write_atomic(check, token)
         barrier()
         seen = check.read_text() if check.exists() else ""
-        views = all_gather_objects({"token": seen, "step": self.global_step, "checkpoint": checkpoint_digest})
+        views = all_gather_objects(
+            {"token": seen, "step": self.global_step, "checkpoint": checkpoint_digest, "problem": str(problem or "")}
+        )
         barrier()
         if self.dist.is_main:
             check.unlink(missing_ok=True)
+        if problem is not None:
+            self.release_lock()
+            raise problem
+        stopped = [(rank, view["problem"]) for rank, view in enumerate(views) if view["problem"]]
+        if stopped:
+            self.release_lock()
+            raise CLEARRunError("; ".join(f"rank {rank} could not start: {text}" for rank, text in stopped))
+        for view in views:
+            del view["problem"]
         reference = views[0]
         differ = [
             f"rank {rank}: " + ("cannot see rank 0's files" if view["token"] != reference["token"]
@@ -306,6 +373,7 @@ class DistributedTrainer:
             if view != reference
         ]  # fmt: skip
         if differ:
+            self.release_lock()
             raise CLEARRunError(
                 f"the ranks do not share one output folder {self.out_dir}: rank 0 is at step {reference['step']} "
                 f"(checkpoint {reference['checkpoint'][:12] or 'none'}); " + "; ".join(differ) + ". Put run.out_dir "
@@ -364,15 +432,18 @@ class DistributedTrainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._since_log = (time.perf_counter(), 0)  # when the last log record was written, views since then
-        with StopSignals() as signals:
-            while self.epoch < cfg.run.epochs:
-                if cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps:
-                    break
-                received = any_rank(signals.received, self.device)  # every rank stops at the same step
-                if received:
-                    self._stop_for_signal(received)
-                history.append(self._logged_step())
-        self.save_checkpoint()
+        try:
+            with StopSignals() as signals:
+                while self.epoch < cfg.run.epochs:
+                    if cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps:
+                        break
+                    received = any_rank(signals.received, self.device)  # every rank stops at the same step
+                    if received:
+                        self._stop_for_signal(received)
+                    history.append(self._logged_step())
+            self.save_checkpoint()
+        finally:
+            self.release_lock()
         return history
 
     def _logged_step(self) -> dict:
