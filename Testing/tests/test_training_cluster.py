@@ -275,3 +275,40 @@ def test_a_second_job_in_a_running_jobs_folder_is_refused(tmp_path, store, monke
     (tmp_path / "locked" / "run.lock").write_text(json.dumps({**lock, "job": "333", "pid": holder.pid}))
     monkeypatch.setenv("SLURM_JOB_ID", "444")
     assert Trainer(load_config(_config(tmp_path, store, "locked", run__max_steps=3))).global_step == 2
+
+
+def test_slurm_template_runs_extraction_sharded_without_file_collisions(tmp_path, tiny_case_bundle):
+    """`train.sbatch extract ...` on one node with two workers: every case is extracted once, by one rank, into
+    its own file, also for IDs that differ only in characters a file name cannot hold."""
+    from clear_training.extract import feature_file, read_features
+    from CLEARLib.io import write_volume
+    from CLEARLib.phantom import make_phantom
+
+    ids = ["LUNG1/001", "LUNG1_001", "case 1", "case_1"]
+    rows = ["case_id,path"]
+    for i, case in enumerate(ids):
+        volume, _ = make_phantom((6 + i, 32, 32), (6.0, 6.0, 10.0), seed=i)
+        rows.append(f'"{case}",{write_volume(volume, tmp_path / f"v{i}.nrrd")}')
+    (tmp_path / "cohort.csv").write_text("\n".join(rows) + "\n")
+    port = _port_in(20000, 40000)
+    args = [
+        "extract",
+        "--model",
+        str(tiny_case_bundle),
+        "--cohort",
+        "cohort.csv",
+        "--out",
+        "features",
+        "--device",
+        "cpu",
+    ]
+    job = _job(tmp_path, args, 200000 + port - 20000)
+    output, _ = job.communicate(timeout=180)
+    assert job.returncode == 0, output
+    reports = [json.loads((tmp_path / "features" / f"extract-report-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert sorted(reports[0]["done"] + reports[1]["done"]) == sorted(ids)
+    assert not set(reports[0]["done"]) & set(reports[1]["done"])
+    assert len(list((tmp_path / "features").glob("*.h5"))) == 4
+    for i, case in enumerate(ids):
+        assert read_features(feature_file(tmp_path / "features", case))["slice_index"][-1] == 5 + i
