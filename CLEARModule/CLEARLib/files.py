@@ -122,6 +122,22 @@ def write_csv(path, frame) -> Path:
     return write_atomic(path, frame.to_csv(index=False))
 
 
+@contextmanager
+def hdf5_writer(path: str | os.PathLike) -> Iterator:
+    """An h5py.File built in memory and written to `path` (by write_atomic) when the block ends.
+
+    HDF5 writing through its own file driver fails badly when the disk fills up (errors from destructors,
+    then a segfault at exit as the library flushes the half-written file); built in memory, a full disk is
+    one clean OSError from a plain write, and the previous file stays. Feature files are small (a few MB).
+    """
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    write_atomic(path, buffer.getvalue())
+
+
 def write_npy(path, array) -> Path:
     import numpy as np
 

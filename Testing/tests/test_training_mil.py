@@ -363,3 +363,40 @@ def test_cohort_size_is_checked_before_anything_runs_or_is_written(tmp_path):
 
     workable = _mil_config(tmp_path, nested=True, folds=2)
     check_cohort_size(Bags(workable.data), workable.data)  # what the message proposed is accepted
+
+
+def test_a_full_disk_stops_extraction_cleanly_and_a_rerun_after_freeing_space_finishes(tmp_path, tiny_case_bundle):
+    """A 52 KiB tmpfs holds three feature files: the fourth write fails with ENOSPC. The run stops with a
+    message (not HDF5's destructor errors and a segfault at exit), keeps the finished files and the report,
+    leaves no temporary file, and after the folder grows, the same command finishes the rest."""
+    import subprocess
+    import sys
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=52k", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("a size-limited folder needs mount (root)")
+    try:
+        rows = []
+        for i in range(6):
+            volume, _ = make_phantom((40, 64, 64), (3.0, 3.0, 5.0), seed=i)
+            rows.append({"case_id": f"c{i}", "path": str(write_volume(volume, tmp_path / f"c{i}.nrrd"))})
+        pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
+        cohort, out = str(tmp_path / "cohort.csv"), str(full / "features")
+        command = [sys.executable, "-m", "clear_training.cli", "extract", "--model", str(tiny_case_bundle),
+                   "--cohort", cohort, "--out", out, "--device", "cpu"]  # fmt: skip
+        first = subprocess.run(command, capture_output=True, text=True)
+        assert first.returncode == 1, first.stderr  # a run error, not a crash (139)
+        assert "no space left on the device of" in first.stderr and "Traceback" not in first.stderr
+        report = json.loads((full / "features" / "extract-report-rank0.json").read_text())
+        written = sorted(p.name for p in (full / "features").glob("*.h5"))
+        assert [f"{c}.h5" for c in report["done"]] == written and len(written) >= 2
+        assert report["failed"][0]["error"] == "no space left" and len(report["not_started"]) >= 1
+        assert not [p for p in (full / "features").iterdir() if p.name.startswith(".")]
+        subprocess.run(["mount", "-o", "remount,size=1m", str(full)], check=True)
+        second = subprocess.run(command, capture_output=True, text=True)
+        assert second.returncode == 0, second.stderr
+        report = json.loads((full / "features" / "extract-report-rank0.json").read_text())
+        assert report["skipped"] == [c.removesuffix(".h5") for c in written] and len(report["done"]) == 6 - len(written)
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True)

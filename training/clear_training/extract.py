@@ -12,18 +12,20 @@ from the path) and `spacing_x, spacing_y, spacing_z` (for formats without geomet
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from CLEARLib import __version__ as clear_version
-from CLEARLib.errors import CLEARInputError
-from CLEARLib.files import atomic_path, check_writable, remove_stale_temporaries
+from CLEARLib.errors import CLEARInputError, CLEARRunError
+from CLEARLib.files import check_writable, hdf5_writer, remove_stale_temporaries, write_json
 from CLEARLib.io import CTVolume, read_ct
 from CLEARLib.io.cohort import file_stem_for, read_cohort
 from CLEARLib.io.deeplesion import read_deeplesion_study
@@ -87,7 +89,7 @@ def is_done(path: Path, key: str, case_id: str) -> bool:
 
 
 def write_features(path: Path, embeddings: np.ndarray, table: dict, attrs: dict) -> Path:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with hdf5_writer(path) as f:
         f.create_dataset("feats", data=embeddings.astype(np.float16), compression="lzf")
         f.create_dataset("slice_index", data=np.asarray(table["slice_index"], dtype=np.int32))
         f.create_dataset("window", data=np.asarray(table["window"]).astype("S"))
@@ -168,10 +170,33 @@ def extract(
             case = {"case_id": row.case_id, "source": str(row.path), **read}
             write_features(target, embeddings, table, {**attrs, **runtime, **case})
             report["done"].append(row.case_id)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                _case_failed(report, row, exc)
+                continue
+            report["failed"].append({"case_id": row.case_id, "path": str(row.path), "error": "no space left"})
+            report["not_started"] = [str(c) for c in mine.case_id.iloc[i + 1 :]]
+            _write_report(out_dir, rank, report)
+            raise CLEARRunError(
+                f"no space left on the device of {out_dir} while writing {row.case_id}: {len(report['done'])} "
+                f"cases written this run and kept, {len(report['not_started'])} not started. Free space and run "
+                "the same command again: finished cases are skipped"
+            ) from exc
         except Exception as exc:  # report and carry on
-            log.warning("%s: failed (%s)", row.case_id, exc)
-            report["failed"].append({"case_id": row.case_id, "path": str(row.path), "error": str(exc)})
-    from CLEARLib.files import write_json
-
-    write_json(out_dir / f"extract-report-rank{rank}.json", report)
+            _case_failed(report, row, exc)
+    _write_report(out_dir, rank, report)
     return report
+
+
+def _case_failed(report: dict, row, exc: Exception) -> None:
+    log.warning("%s: failed (%s)", row.case_id, exc)
+    report["failed"].append({"case_id": row.case_id, "path": str(row.path), "error": str(exc)})
+
+
+def _write_report(out_dir: Path, rank: int, report: dict) -> None:
+    """The rank's report beside its features; where it cannot be written (a full disk), on stderr."""
+    path = out_dir / f"extract-report-rank{rank}.json"
+    try:
+        write_json(path, report)
+    except OSError as exc:
+        print(f"cannot write {path} ({exc.strerror}); the report:\n{json.dumps(report, indent=2)}", file=sys.stderr)

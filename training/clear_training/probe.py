@@ -20,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from CLEARLib.errors import CLEARInputError
-from CLEARLib.files import atomic_path
+from CLEARLib.files import hdf5_writer
 from CLEARLib.progress import report
 
 from .metrics import bootstrap_probe, paired_permutation_test, probe_metrics
@@ -41,7 +41,7 @@ def extract_lesion_features(
         raise CLEARInputError(f"no seed could be scored ({failed[:3]})", seeds_csv)
     kept = list(table.index)
     table = table.reset_index(drop=True)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with hdf5_writer(out) as f:
         f.create_dataset("feats", data=feats.astype(np.float32))
         f.create_dataset("row", data=np.asarray(kept, dtype=np.int64))
         if "label" in table:
