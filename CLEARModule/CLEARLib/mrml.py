@@ -22,6 +22,7 @@ from .io.volume import LPS_RAS, CTVolume, flip_lps_ras
 from .preprocess.lesion import lesion_patch_centre
 
 _RAS_FROM_LPS = np.diag([*LPS_RAS, 1.0])
+HEAT_COLORS = "vtkMRMLColorTableNodeIron"  # black, red, yellow, white: 0 to 1 attention
 LAYOUT_ID = 20251  # CLEAR's custom layout: slice views beside the attention plot
 LAYOUT_XML = """
 <layout type="horizontal" split="true">
@@ -274,9 +275,8 @@ def attention_overlay(volume: CTVolume, result, scene, window: str | None = None
     display = node.GetDisplayNode()
     display.SetAutoWindowLevel(False)
     display.SetWindowLevelMinMax(0.0, 1.0)
-    rainbow = scene.GetNodeByID("vtkMRMLColorTableNodeRainbow")
-    if rainbow is not None:
-        display.SetAndObserveColorNodeID(rainbow.GetID())
+    if scene.GetNodeByID(HEAT_COLORS) is not None:  # Slicer's default tables (a bare scene has none)
+        display.SetAndObserveColorNodeID(HEAT_COLORS)
     return node
 
 
