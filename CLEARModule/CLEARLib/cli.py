@@ -7,6 +7,7 @@ Heavy modules (numpy, pandas, SimpleITK, torch) are imported inside the commands
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -138,6 +139,12 @@ def cmd_predict(args) -> int:
             write_atomic(out / "attention.png", attention_plot_png(result.attention, title=title))
             write_atomic(out / "top_slices.png", top_slices_png(volume, result.attention, predictor.bundle.windows))
         written = "predictions.json, predictions.csv, attention.csv, attention.png, top_slices.png"
+        if not args.no_slice_view and importlib.util.find_spec("slicer") is not None:
+            # after the results are in place: the render adds a picture, it cannot cost them
+            from .render import render_case_view
+
+            render_case_view(volume, result, Path(args.out) / "slice_view.png", predictor.bundle.windows[0])
+            written += ", slice_view.png (Slicer's Red view at the most attended slice)"
         print(f"wrote {written} to {args.out}", file=sys.stderr)
     return 0
 
@@ -263,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("path", help="CT: DICOM folder, multi-frame DICOM, NIfTI/NRRD/MHA")
     predict.add_argument("--model", required=True, help="case bundle (folder or .zip)")
     predict.add_argument("--out", help="folder for predictions.json/.csv, attention.csv and attention.png")
+    predict.add_argument(
+        "--no-slice-view",
+        action="store_true",
+        help="skip slice_view.png (Slicer's Red view at the most attended slice, drawn when slicer-core is installed)",
+    )
     predict.add_argument("--device", default="auto", help="auto, cpu or gpu")
     predict.add_argument("--batch-size", type=int, help="instances per encoder batch (default: by device)")
     add_backend_options(predict)

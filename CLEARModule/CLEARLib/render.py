@@ -136,3 +136,19 @@ def write_png(path, pixels: np.ndarray) -> Path:
     writer.SetInputData(image)
     writer.Write()
     return write_atomic(path, bytes(vtk_to_numpy(writer.GetResult())))
+
+
+def render_case_view(volume, result, path, window=None, size: int = 512) -> Path:
+    """The Red view of a scored case as Slicer would show it: the CT (in `window`, a preprocess Window, or
+    abdomen) under the attention heat overlay at the most attended slice, written as a PNG."""
+    from .mrml import attention_overlay, node_from_volume
+
+    scene = slicer.vtkMRMLScene()
+    renderer = SliceViewRenderer(scene, size=(size, size))
+    ct = node_from_volume(volume, scene, "CT")
+    low, high = (window.low, window.high) if window is not None else (-160.0, 240.0)
+    ct.GetDisplayNode().SetAutoWindowLevel(False)
+    ct.GetDisplayNode().SetWindowLevel(high - low, (high + low) / 2)
+    overlay = attention_overlay(volume, result, scene)
+    z_mm = float(result.top_slices(1).z_mm.iloc[0])
+    return renderer.save_png(path, ct, overlay, 0.4, z_mm=z_mm)

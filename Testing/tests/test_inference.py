@@ -217,7 +217,8 @@ def test_cli_predict_writes_results(tmp_path, phantom, tiny_case_bundle, capsys)
     volume, _ = phantom
     ct = write_volume(volume, tmp_path / "ct.nii.gz")
     out = tmp_path / "results"
-    assert main(["predict", str(ct), "--model", str(tiny_case_bundle), "--out", str(out), "--device", "cpu"]) == 0
+    command = ["predict", str(ct), "--model", str(tiny_case_bundle), "--out", str(out), "--device", "cpu"]
+    assert main([*command, "--no-slice-view"]) == 0  # the slice view (slicer-core): test_render.py
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["probabilities"]) == {"liver", "lung", "bone"}
     assert sorted(p.name for p in out.iterdir()) == [

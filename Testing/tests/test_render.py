@@ -109,3 +109,17 @@ def test_write_png_round_trips(tmp_path, can_render):
     write_png(tmp_path / "x.png", pixels)
     read = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "x.png")))
     assert read.shape == (20, 30, 3) and tuple(read[2, 5]) == (255, 0, 0)
+
+
+def test_predict_writes_slicers_view_of_the_most_attended_slice(tmp_path, can_render, phantom, tiny_case_bundle):
+    import SimpleITK as sitk
+
+    from CLEARLib.cli import main
+    from CLEARLib.io import write_volume
+
+    volume, _ = phantom
+    ct = write_volume(volume, tmp_path / "ct.nii.gz")
+    out = tmp_path / "results"
+    assert main(["-q", "predict", str(ct), "--model", str(tiny_case_bundle), "--out", str(out), "--device", "cpu"]) == 0
+    view = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "slice_view.png")))
+    assert view.shape == (512, 512, 3) and view.std() > 10  # a picture, not a blank
