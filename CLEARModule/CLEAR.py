@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -34,15 +33,6 @@ from slicer.util import VTKObservationMixin
 
 LOCAL_BUNDLE = "Local bundle (folder or .zip)"
 JOB_POLL_WAIT_S = 0.085  # of every 10 ms timer tick plus this wait, the worker gets the wait
-
-
-@dataclass
-class CaseDisplay:
-    """What showCaseResult put in the scene: the results table, the attention plot and the heat overlay."""
-
-    table: object  # vtkMRMLTableNode
-    plot: object  # CLEARLib.mrml.AttentionPlot
-    overlay: object  # vtkMRMLScalarVolumeNode
 
 
 class CLEAR(ScriptedLoadableModule):
@@ -198,7 +188,9 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            from CLEARLib.mrml import first_input_volume
+
+            first = first_input_volume(slicer.mrmlScene)
             if first:
                 self._parameterNode.inputVolume = first
 
@@ -214,6 +206,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, *_):
         p = self._parameterNode
+        self._observeSeed(p.seed if p else None)
         running = self._job is not None
         local = self.ui.modelComboBox.currentText == LOCAL_BUNDLE
         self.ui.modelPathLineEdit.setEnabled(local)
@@ -226,6 +219,23 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button in (self.ui.markKeySliceButton, self.ui.unmarkKeySliceButton, self.ui.exportKeySlicesButton):
             button.enabled = haveCase
         self.ui.addBoxButton.enabled = haveCase and bool(p and p.lesionBox)
+
+    def _observeSeed(self, seedNode):
+        """Placing a seed again replaces the old point (mrml.keep_last_point)."""
+        previous = getattr(self, "_seedNode", None)
+        if seedNode is previous:
+            return
+        event = slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
+        if previous is not None:
+            self.removeObserver(previous, event, self._onSeedPlaced)
+        self._seedNode = seedNode
+        if seedNode is not None:
+            self.addObserver(seedNode, event, self._onSeedPlaced)
+
+    def _onSeedPlaced(self, caller, event):
+        from CLEARLib.mrml import keep_last_point
+
+        keep_last_point(caller)
 
     # ------------------------------------------------------------------------ case inference
     def _bundleForRun(self):
@@ -489,17 +499,14 @@ class CLEARLogic(ScriptedLoadableModuleLogic):
         from CLEARLib import mrml
 
         scene = slicer.mrmlScene
-        table = mrml.results_to_table(result, scene)
-        plot = mrml.attention_to_plot(result, scene)
-        layoutManager = slicer.app.layoutManager()
-        layoutNode = layoutManager.layoutLogic().GetLayoutNode() if layoutManager else None
-        mrml.show_plot(scene, plot, layoutNode)
-        overlay = mrml.attention_overlay(volume, result, scene)
         if volumeNode is not None:
             slicer.util.setSliceViewerLayers(background=volumeNode)
         composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
-        mrml.show_overlay(composites, overlay, showOverlay, overlayOpacity)
-        return CaseDisplay(table, plot, overlay)
+        shown = mrml.show_case_result(scene, volume, result, volumeNode, composites, overlayOpacity, showOverlay)
+        layoutManager = slicer.app.layoutManager()
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode() if layoutManager else None
+        mrml.show_plot(scene, shown.plot, layoutNode)
+        return shown
 
     @staticmethod
     def showPatch(volume, seedNode):

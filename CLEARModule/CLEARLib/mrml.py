@@ -89,6 +89,25 @@ def node_from_volume(volume: CTVolume, scene, name: str = "CT", array: np.ndarra
 
 
 # ------------------------------------------------------------------------------------ results
+ROLE, FOR_VOLUME = "CLEAR.role", "CLEAR.volume"  # node attributes: what a node shows, and for which input
+
+
+def owned_node(scene, class_name: str, role: str, key: str | None, name: str):
+    """CLEAR's node of this role for input `key` (a volume node ID), made once and reused by every later run
+    on that input, so that runs do not pile up tables, charts and overlays. `key` None: always a new node."""
+    if key is not None:
+        nodes = scene.GetNodesByClass(class_name)
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node.GetAttribute(ROLE) == role and node.GetAttribute(FOR_VOLUME) == key:
+                return node
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    node.SetAttribute(ROLE, role)
+    if key is not None:
+        node.SetAttribute(FOR_VOLUME, key)
+    return node
+
+
 def _table_node(scene, name: str, node=None):
     node = node or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     node.RemoveAllColumns()
@@ -136,9 +155,10 @@ def append_to_table(node, frame: pd.DataFrame) -> None:
     node.Modified()
 
 
-def results_to_table(result, scene, node=None, name: str = "CLEAR predictions"):
-    """label, probability rows in a table node."""
+def results_to_table(result, scene, node=None, name: str = "CLEAR predictions", key: str | None = None):
+    """label, probability rows in a table node (the one of input `key`, when given)."""
     frame = pd.DataFrame({"label": result.labels, "probability": list(result.probabilities.values())})
+    node = node or owned_node(scene, "vtkMRMLTableNode", "predictions", key, name)
     return table_from_frame(scene, frame, name, node)
 
 
@@ -162,31 +182,36 @@ def attention_wide(result) -> pd.DataFrame:
     return wide.reset_index()
 
 
-def attention_to_plot(result, scene, title: str = "CLEAR attention") -> AttentionPlot:
-    """Attention table, a plot series per window against slice position (mm), a chart, and a marker."""
+def attention_to_plot(result, scene, title: str = "CLEAR attention", key: str | None = None) -> AttentionPlot:
+    """Attention table, a plot series per window against slice position (mm), a chart, and a marker; the
+    nodes of input `key` are refilled when a run on it made them before."""
     wide = attention_wide(result)
-    table = _table_node(scene, f"{title} table")
+    table = _table_node(
+        scene, f"{title} table", owned_node(scene, "vtkMRMLTableNode", "attention", key, f"{title} table")
+    )
     _fill_table(table, wide)
-    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", title)
+    chart = owned_node(scene, "vtkMRMLPlotChartNode", "attention chart", key, title)
+    chart.RemoveAllPlotSeriesNodeIDs()
     chart.SetTitle(title)
     chart.SetXAxisTitle("slice position S (mm)")
     chart.SetYAxisTitle("attention")
     colors = [(0.2, 0.4, 0.9), (0.9, 0.25, 0.2), (0.2, 0.7, 0.3), (0.6, 0.3, 0.8)]
+    windows = [c[len("attention_") :] for c in wide.columns if c.startswith("attention_")]
+    _remove_stale_series(scene, key, keep={f"attention series {w}" for w in windows})
     series_ids = {}
-    for i, column in enumerate(c for c in wide.columns if c.startswith("attention_")):
-        window = column[len("attention_") :]
-        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{window} window")
+    for i, window in enumerate(windows):
+        series = owned_node(scene, "vtkMRMLPlotSeriesNode", f"attention series {window}", key, f"{window} window")
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName("z_mm")
-        series.SetYColumnName(column)
+        series.SetYColumnName(f"attention_{window}")
         series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
         series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
         series.SetColor(*colors[i % len(colors)])
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
         series_ids[window] = series.GetID()
-    marker_table = _table_node(scene, f"{title} marker")
-    _fill_table(marker_table, pd.DataFrame({"z_mm": [0.0, 0.0], "attention": [0.0, 0.0]}))
-    marker = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "current slice")
+    marker_table = owned_node(scene, "vtkMRMLTableNode", "marker", key, f"{title} marker")
+    _fill_table(_table_node(scene, "", marker_table), pd.DataFrame({"z_mm": [0.0, 0.0], "attention": [0.0, 0.0]}))
+    marker = owned_node(scene, "vtkMRMLPlotSeriesNode", "marker series", key, "current slice")
     marker.SetAndObserveTableNodeID(marker_table.GetID())
     marker.SetXColumnName("z_mm")
     marker.SetYColumnName("attention")
@@ -203,6 +228,18 @@ def attention_to_plot(result, scene, title: str = "CLEAR attention") -> Attentio
         wide.slice_index.to_numpy(),
         wide.z_mm.to_numpy(),
     )
+
+
+def _remove_stale_series(scene, key: str | None, keep: set[str]) -> None:
+    """Series of windows an earlier run on this input had and this one has not."""
+    if key is None:
+        return
+    nodes = scene.GetNodesByClass("vtkMRMLPlotSeriesNode")
+    stale = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    for node in stale:
+        role = node.GetAttribute(ROLE) or ""
+        if node.GetAttribute(FOR_VOLUME) == key and role.startswith("attention series ") and role not in keep:
+            scene.RemoveNode(node)
 
 
 def set_marker(plot: AttentionPlot, scene, z_mm: float) -> None:
@@ -261,20 +298,34 @@ def slice_index_of_view(slice_node, volume: CTVolume) -> int:
     return min(max(index, 0), volume.shape[0] - 1)
 
 
-def attention_overlay(volume: CTVolume, result, scene, window: str | None = None, node=None, name="CLEAR attention"):
-    """A volume on the CT's grid whose every voxel holds its slice's attention, scaled to 0..1
-    (the maximum over windows, or one window), for display as a heat map over the slice views."""
+def attention_overlay(
+    volume: CTVolume, result, scene, window: str | None = None, node=None, name="CLEAR attention", key=None
+):
+    """The heat overlay: each slice's attention scaled to 0..1 (the maximum over windows, or one window), shown
+    over the slice views. Stored compactly: one voxel per slice, as wide and high as the CT, drawn without
+    interpolation, so a 512x512x600 CT's overlay holds 600 values, not 157 million. Hidden from volume
+    selectors (it is not a CT to pick as input); the node of input `key` is refilled on later runs."""
     frame = result.attention if window is None else result.attention[result.attention.window == window]
     per_slice = frame.groupby("slice_index").attention.max()
     values = np.zeros(volume.shape[0], dtype=np.float32)
     values[per_slice.index.to_numpy()] = per_slice.to_numpy()
     if values.max() > 0:
         values /= values.max()
-    array = np.broadcast_to(values[:, None, None], volume.shape).astype(np.float32)
-    node = node_from_volume(volume, scene, name, array=array, node=node)
+    node = node or owned_node(scene, "vtkMRMLScalarVolumeNode", "overlay", key, name)
+    node.SetHideFromEditors(True)
+    ijk_to_ras = volume.ijk_to_ras_matrix.copy()
+    rows, columns = volume.shape[1], volume.shape[2]
+    ijk_to_ras[:, 3] = ijk_to_ras @ np.array([(columns - 1) / 2, (rows - 1) / 2, 0.0, 1.0])  # the CT's centre
+    ijk_to_ras[:3, 0] *= columns  # one voxel spans the CT's width, one its height
+    ijk_to_ras[:3, 1] *= rows
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(values[:, None, None]))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.SetAutoWindowLevel(False)
     display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetInterpolate(False)
     if scene.GetNodeByID(HEAT_COLORS) is not None:  # Slicer's default tables (a bare scene has none)
         display.SetAndObserveColorNodeID(HEAT_COLORS)
     return node
@@ -287,7 +338,46 @@ def show_overlay(composite_nodes, overlay_node, visible: bool = True, opacity: f
         composite.SetForegroundOpacity(float(opacity) if visible else 0.0)
 
 
+@dataclass
+class CaseDisplay:
+    """What `show_case_result` put in the scene: the results table, the attention plot and the heat overlay."""
+
+    table: object  # vtkMRMLTableNode
+    plot: AttentionPlot
+    overlay: object  # vtkMRMLScalarVolumeNode
+
+
+def show_case_result(scene, volume: CTVolume, result, volume_node=None, composite_nodes=(), opacity: float = 0.4,
+                     visible: bool = True) -> CaseDisplay:  # fmt: skip
+    """The results table, the attention plot and the heat overlay of a case, in the nodes of its input volume
+    node (made by the first run on it, refilled by later runs), the overlay shown in `composite_nodes`."""
+    key = volume_node.GetID() if volume_node is not None else None
+    name = volume_node.GetName() if volume_node is not None else "CT"
+    table = results_to_table(result, scene, name=f"CLEAR predictions {name}", key=key)
+    plot = attention_to_plot(result, scene, title=f"CLEAR attention {name}", key=key)
+    overlay = attention_overlay(volume, result, scene, name=f"CLEAR attention overlay {name}", key=key)
+    show_overlay(composite_nodes, overlay, visible, opacity)
+    return CaseDisplay(table, plot, overlay)
+
+
+def first_input_volume(scene):
+    """The volume to offer as input when none is chosen: the first scalar volume a user made or loaded, never
+    one of CLEAR's overlays or another node hidden from selectors, nor a label map."""
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if not node.GetHideFromEditors() and not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.GetAttribute(ROLE):
+            return node
+    return None
+
+
 # ------------------------------------------------------------------------------------- lesion
+def keep_last_point(markups_node) -> None:
+    """A seed is one point: placing another replaces it (the newest point is kept)."""
+    while markups_node.GetNumberOfControlPoints() > 1:
+        markups_node.RemoveNthControlPoint(0)
+
+
 def seed_lps_from_markups(markups_node, index: int = 0) -> np.ndarray:
     if markups_node is None or markups_node.GetNumberOfControlPoints() <= index:
         raise CLEARInputError("place a seed point on the lesion first")

@@ -146,9 +146,11 @@ def test_attention_overlay_shares_the_ct_geometry(scene, phantom, tiny_case_bund
     overlay.GetRASBounds(bounds_overlay)
     np.testing.assert_allclose(bounds_overlay, bounds_ct, atol=1e-6)
     values = slicer.util.arrayFromVolume(overlay)
+    assert values.shape == (volume.shape[0], 1, 1)  # one value per slice, spanning the CT's width and height
     per_slice = result.attention.groupby("slice_index").attention.max().to_numpy()
-    np.testing.assert_allclose(values[:, 3, 4], per_slice / per_slice.max(), rtol=1e-5)
+    np.testing.assert_allclose(values[:, 0, 0], per_slice / per_slice.max(), rtol=1e-5)
     assert values.max() == pytest.approx(1.0)
+    assert overlay.GetHideFromEditors() and not overlay.GetDisplayNode().GetInterpolate()
     composites = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
     mrml.show_overlay(composites, overlay, visible=True, opacity=0.35)
     assert all(c.GetForegroundVolumeID() == overlay.GetID() for c in composites)
@@ -210,3 +212,58 @@ def test_key_slice_annotation_and_export(scene, big_lesion_phantom, tmp_path):
     assert box.lesion_type == 4 and box.spacing_z == volume.spacing[2] and box.case_id == "case-7"
     # The export is what pretraining reads: the box's pixels hold the lesion.
     assert volume.hu[k, int(round((box.y1 + box.y2) / 2)), int(round((box.x1 + box.x2) / 2))] == lesion.hu
+
+
+def test_repeated_runs_reuse_the_nodes_of_their_input_volume(scene, phantom, tiny_case_bundle):
+    """Three runs on one CT leave one table, one chart, its series and one compact overlay; another CT gets
+    its own; the overlay is never offered as input."""
+    volume, _ = phantom
+    node = mrml.node_from_volume(volume, scene, "CT one")
+    result = CasePredictor(tiny_case_bundle, device="cpu").predict(volume)
+    composites = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+
+    classes = ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode", "vtkMRMLScalarVolumeNode")
+
+    def counts():
+        return {c: scene.GetNumberOfNodesByClass(c) for c in classes}
+
+    first = mrml.show_case_result(scene, volume, result, node, composites)
+    after_one = counts()
+    for _ in range(2):
+        again = mrml.show_case_result(scene, volume, result, node, composites)
+    assert (
+        counts()
+        == after_one
+        == {
+            "vtkMRMLTableNode": 3,  # predictions, attention, marker
+            "vtkMRMLPlotChartNode": 1,
+            "vtkMRMLPlotSeriesNode": 3,  # two windows and the marker
+            "vtkMRMLScalarVolumeNode": 2,  # the CT and its overlay
+        }
+    )
+    assert again.table is first.table and again.overlay is first.overlay and again.plot.chart_id == first.plot.chart_id
+    assert scene.GetNodeByID(again.plot.chart_id).GetNumberOfPlotSeriesNodes() == 3
+    assert all(c.GetForegroundVolumeID() == first.overlay.GetID() for c in composites)
+    # a lung-only rerun drops the abdomen series it no longer has
+    lung_only = result.attention[result.attention.window == "lung"].reset_index(drop=True)
+    result.attention = lung_only
+    mrml.show_case_result(scene, volume, result, node, composites)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 2
+    # another input volume gets nodes of its own
+    other = mrml.node_from_volume(volume, scene, "CT two")
+    mrml.show_case_result(scene, volume, result, other, composites)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 2
+    assert mrml.first_input_volume(scene) is node  # overlays are hidden and never picked as input
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    scene.RemoveNode(node)
+    scene.RemoveNode(other)
+    assert mrml.first_input_volume(scene) is None and labels is not None
+
+
+def test_placing_a_seed_again_replaces_it(scene):
+    seed = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "seed")
+    seed.AddControlPoint(1.0, 2.0, 3.0)
+    seed.AddControlPoint(4.0, 5.0, 6.0)
+    mrml.keep_last_point(seed)
+    assert seed.GetNumberOfControlPoints() == 1
+    np.testing.assert_allclose(seed.GetNthControlPointPosition(0), (4.0, 5.0, 6.0))
