@@ -22,6 +22,7 @@ from slicer import (
     vtkMRMLMarkupsROINode,
     vtkMRMLScalarVolumeNode,
 )
+from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -35,9 +36,21 @@ LOCAL_BUNDLE = "Local bundle (folder or .zip)"
 JOB_POLL_WAIT_S = 0.085  # of every 10 ms timer tick plus this wait, the worker gets the wait
 
 
+def hostProblem():
+    """Why this Slicer cannot run CLEAR (CLEARLib.dependencies.host_problem), or None."""
+    import sys
+
+    from CLEARLib.dependencies import host_problem
+
+    return host_problem((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
+
+
 class CLEAR(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
+        problem = hostProblem()
+        if problem:
+            logging.error(problem)
         self.parent.title = "CLEAR"
         self.parent.categories = ["Quantification"]
         self.parent.dependencies = []
@@ -69,28 +82,41 @@ class CLEARParameterNode:
 
 
 def ensure_dependencies() -> bool:
-    """torch from the PyTorch extension; the rest with pip after one confirmation. Never at import."""
-    from CLEARLib.dependencies import missing_requirements, torch_available
+    """torch from the PyTorch extension (never replaced); the rest with pip after one confirmation, constrained
+    to the installed torch, torchvision and numpy (CLEARLib.dependencies). Never at import."""
+    import tempfile
 
-    if not torch_available():
+    from CLEARLib.dependencies import missing_requirements, needs_restart, pip_arguments, torch_problem
+
+    problem = torch_problem()
+    if problem is not None and "not installed" in problem:
         try:
             import PyTorchUtils
         except ImportError:
-            slicer.util.errorDisplay(
-                "CLEAR needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart "
-                "Slicer, and run CLEAR again."
-            )
+            slicer.util.errorDisplay(_("CLEAR needs PyTorch. Install the 'PyTorch' extension from the Extensions "
+                                       "Manager, restart Slicer, and run CLEAR again."))  # fmt: skip
             return False
         if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
             return False
+        problem = torch_problem()
+    if problem is not None:
+        slicer.util.errorDisplay(problem)
+        return False
     missing = missing_requirements()
     if missing:
         if not slicer.util.confirmOkCancelDisplay(
-            "CLEAR needs these Python packages, which will be installed now:\n\n" + "\n".join(missing)
+            _("CLEAR needs these Python packages, which will be installed now (your PyTorch stays as it is):")
+            + "\n\n"
+            + "\n".join(missing)
         ):
             return False
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(missing)
+        with tempfile.TemporaryDirectory() as folder, slicer.util.WaitCursor():
+            slicer.util.pip_install(pip_arguments(missing, os.path.join(folder, "constraints.txt")))
+        if needs_restart(missing):
+            slicer.util.infoDisplay(
+                _("Packages that Slicer had loaded were updated: restart Slicer before using CLEAR.")
+            )
+            return False
     return True
 
 
@@ -126,6 +152,12 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CLEARLogic()
+        problem = hostProblem()
+        if problem:  # say it where the user looks, and offer nothing that would fail
+            self.ui.statusLabel.text = problem
+            uiWidget.setEnabled(False)
+            slicer.util.errorDisplay(problem)
+            return
 
         # Catalog names from the JSON alone: nothing that needs the Python requirements runs at set-up.
         from CLEARLib.resources import module_resource
@@ -405,7 +437,9 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------- lesion
     def onShowPatch(self):
-        with slicer.util.tryWithErrorDisplay("Could not show the lesion patch.", waitCursor=True):
+        if not ensure_dependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not show the lesion patch."), waitCursor=True):
             p = self._parameterNode
             self.logic.showPatch(self.logic.volumeFromNode(p.inputVolume), p.seed)
 
@@ -437,6 +471,9 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------------------- key slices
     def _keySlices(self):
+        """The key-slice table of the input volume; None when the requirements are not there (pandas)."""
+        if not ensure_dependencies():
+            return None
         p = self._parameterNode
         if self._annotations is None or self._annotations.case_id != p.inputVolume.GetName():
             self._annotations = self.logic.keySliceAnnotations(p.inputVolume)
@@ -454,23 +491,30 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onMarkKeySlice(self):
-        self._keySlices().mark(self._currentSlice())
-        self._showKeySliceCount()
+        with slicer.util.tryWithErrorDisplay(_("Could not mark the key slice."), waitCursor=True):
+            if (notes := self._keySlices()) is not None:
+                notes.mark(self._currentSlice())
+                self._showKeySliceCount()
 
     def onUnmarkKeySlice(self):
-        self._keySlices().unmark(self._currentSlice())
-        self._showKeySliceCount()
+        with slicer.util.tryWithErrorDisplay(_("Could not unmark the key slice."), waitCursor=True):
+            if (notes := self._keySlices()) is not None:
+                notes.unmark(self._currentSlice())
+                self._showKeySliceCount()
 
     def onAddBox(self):
-        with slicer.util.tryWithErrorDisplay("Could not add the lesion box.", waitCursor=True):
-            self._keySlices().add_box(self._parameterNode.lesionBox, self.ui.lesionTypeComboBox.currentIndex or -1)
-            self._showKeySliceCount()
+        with slicer.util.tryWithErrorDisplay(_("Could not add the lesion box."), waitCursor=True):
+            if (notes := self._keySlices()) is not None:
+                notes.add_box(self._parameterNode.lesionBox, self.ui.lesionTypeComboBox.currentIndex or -1)
+                self._showKeySliceCount()
 
     def onExportKeySlices(self):
         with slicer.util.tryWithErrorDisplay("Could not export the key slices.", waitCursor=True):
             path = self._parameterNode.keySliceExportPath
             if not path or str(path) in ("", "."):
-                path = Path(slicer.app.defaultScenePath) / f"{self._keySlices().case_id}_key_slices.csv"
+                from CLEARLib.io.cohort import file_stem_for  # DICOM volumes are named "3: CT chest" and the like
+
+                path = Path(slicer.app.defaultScenePath) / f"{file_stem_for(self._keySlices().case_id)}_key_slices.csv"
             written = self._keySlices().export(path)
             self.ui.keySliceCountLabel.text = f"exported to {written}"
 

@@ -138,10 +138,12 @@ def write_png(path, pixels: np.ndarray) -> Path:
     return write_atomic(path, bytes(vtk_to_numpy(writer.GetResult())))
 
 
-def render_case_view(volume, result, path, window=None, size: int = 512) -> Path:
+def render_case_view(volume, result, path, window=None, size: int = 512, seed_lps=None) -> Path:
     """The Red view of a scored case as Slicer would show it: the CT (in `window`, a preprocess Window, or
-    abdomen) under the attention heat overlay at the most attended slice, written as a PNG."""
-    from .mrml import attention_overlay, node_from_volume
+    abdomen) under the attention heat overlay at the most attended slice, and with `seed_lps` the seed and
+    the lesion model's 50 mm patch (drawn where they cross that slice), written as a PNG."""
+    from .io.volume import flip_lps_ras
+    from .mrml import attention_overlay, node_from_volume, patch_roi
 
     scene = slicer.vtkMRMLScene()
     renderer = SliceViewRenderer(scene, size=(size, size))
@@ -150,5 +152,9 @@ def render_case_view(volume, result, path, window=None, size: int = 512) -> Path
     ct.GetDisplayNode().SetAutoWindowLevel(False)
     ct.GetDisplayNode().SetWindowLevel(high - low, (high + low) / 2)
     overlay = attention_overlay(volume, result, scene)
+    if seed_lps is not None:
+        seed = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "seed")
+        seed.AddControlPoint(*flip_lps_ras(seed_lps))
+        patch_roi(volume, seed_lps, scene)
     z_mm = float(result.top_slices(1).z_mm.iloc[0])
     return renderer.save_png(path, ct, overlay, 0.4, z_mm=z_mm)

@@ -9,6 +9,7 @@ load in the Slicer module and in `clear-ct predict` / `clear-ct lesion`.
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -265,6 +266,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
         "heldout_probabilities": result.probabilities,
         "heldout_lesion_slices": lesion_slices,
         "heldout_top_slices": [int(s) for s in top.slice_index],
+        "heldout_lesions_lps": [[float(v) for v in lesion.center_lps] for lesion in lesions],
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
@@ -284,6 +286,17 @@ def _report(
     write_atomic(figures / "attention.png", attention_plot_png(result.attention, "held-out CT: attention", marks))
     windows = resolve_windows(["abdomen", "lung"])
     write_atomic(figures / "top_slices.png", top_slices_png(volume, result.attention, windows, k=len(top)))
+    slice_view = ""
+    if importlib.util.find_spec("slicer") is not None:  # slicer-core: Slicer's own slice pipeline
+        from CLEARLib.render import render_case_view
+
+        seed = lesions[0].center_lps if lesions else None
+        render_case_view(volume, result, figures / "slice_view.png", windows[0], seed_lps=seed)
+        slice_view = (
+            "<p>Slicer's Red slice view at the most attended slice (rendered offscreen by Slicer's slice pipeline "
+            "from slicer-core): the CT under the attention heat overlay, with the lesion seed and its 50 mm patch "
+            "where they cross the slice.</p>" + _img("slice_view.png")
+        )
     for name in ("roc.png", "pr.png"):
         if (out / "mil" / name).exists():
             write_atomic(figures / name, (out / "mil" / name).read_bytes())
@@ -328,6 +341,7 @@ cross-validation, a case bundle, and a prediction on a CT the models never saw.<
 <p>Attention per window against slice position; dotted lines mark the true lesion slices
 ({html.escape(json.dumps(lesion_slices))}).</p>{_img("attention.png")}
 <p>The most attended slices:</p>{_img("top_slices.png")}
+{slice_view}
 <h2>Cross-validation</h2>
 <table><tr><th>label</th><th>test AUROC (ensemble)</th><th>95% CI (bootstrap)</th><th>test AUPRC</th>
 <th>mean AUROC of the folds</th></tr>{cv_rows}</table>
