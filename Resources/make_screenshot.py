@@ -56,7 +56,7 @@ def main() -> None:
         axis.axis("off")
     probabilities = ", ".join(f"{k} {v:.2f}" for k, v in result.probabilities.items())
     fig.suptitle(f"CLEAR on a synthetic held-out CT: {probabilities}", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(args.out, dpi=100)
     print(args.out)
 
