@@ -45,20 +45,63 @@ def hostProblem():
     return host_problem((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
 
 
+def registerSampleData():
+    """A synthetic CT with lesions (CLEARLib.phantom) in the Sample Data module, to try CLEAR without data.
+    Made once into Slicer's cache; a failure here must never stop Slicer from starting."""
+    try:
+        import SampleData
+
+        from CLEARLib.io import write_volume
+        from CLEARLib.phantom import make_phantom
+
+        path = Path(slicer.app.cachePath) / "CLEAR" / "CLEAR-synthetic-CT.nrrd"
+        if not path.exists():
+            volume, _ = make_phantom((80, 192, 192), (2.0, 2.0, 4.0), seed=0)
+            write_volume(volume, path)
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="CLEAR",
+            sampleName="CLEARSyntheticCT",
+            uris=path.as_uri(),
+            fileNames=path.name,
+            nodeNames="CLEAR synthetic CT",
+            thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "CLEAR.png"),
+            loadFileType="VolumeFile",
+        )
+    except Exception as exc:  # noqa: BLE001  (sample data is a convenience)
+        logging.warning(f"CLEAR: sample data not registered: {exc}")
+
+
+def registerLayout():
+    """CLEAR's layout known from start-up on, so that a scene saved in it reopens in it (mrml.register_layout)."""
+    from CLEARLib import mrml
+
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is not None:
+        mrml.register_layout(layoutManager.layoutLogic().GetLayoutNode())
+
+
 class CLEAR(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         problem = hostProblem()
         if problem:
             logging.error(problem)
-        self.parent.title = "CLEAR"
+        else:
+            slicer.app.connect("startupCompleted()", registerLayout)
+            slicer.app.connect("startupCompleted()", registerSampleData)
+        self.parent.title = _("CLEAR")
         self.parent.categories = ["Quantification"]
         self.parent.dependencies = []
         self.parent.contributors = ["CLEAR developers"]
         self.parent.helpText = (
-            "Patient-level CT predictions from a frozen 2D slice encoder and attention-MIL, with the per-slice "
-            "attention drawn beside the slice views (click a point to jump to its slice), FMCIB-style lesion "
-            "predictions from a seed point with a stability estimate, and key-slice annotation for pretraining."
+            _(
+                "Patient-level CT predictions from a frozen 2D slice encoder and attention-MIL, with the per-slice "
+                "attention drawn beside the slice views (click a point to jump to its slice), FMCIB-style lesion "
+                "predictions from a seed point with a stability estimate, and key-slice annotation for pretraining."
+            )
+            + ' <a href="https://github.com/clear-ct/SlicerCLEAR#the-slicer-extension">'
+            + _("Documentation")
+            + "</a>"
         )
         self.parent.acknowledgementText = (
             "Methods: CLEAR (Abnormality-Driven Representation Learning for Radiology Imaging, MICCAI 2025) "
@@ -152,6 +195,9 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CLEARLogic()
+        from CLEARLib.jobs import LogCollector
+
+        self._log = LogCollector().attach()
         problem = hostProblem()
         if problem:  # say it where the user looks, and offer nothing that would fail
             self.ui.statusLabel.text = problem
@@ -195,6 +241,8 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
+        if getattr(self, "_log", None) is not None:
+            self._log.detach()
         self.onCancel()
         self.removeObservers()
         self._timer.stop()
@@ -239,13 +287,17 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, *_):
         p = self._parameterNode
         self._observeSeed(p.seed if p else None)
+        if p is not None and getattr(self, "_shownDevice", None) != p.device:
+            self._shownDevice = p.device
+            self._showDevice()
         running = self._job is not None
         local = self.ui.modelComboBox.currentText == LOCAL_BUNDLE
         self.ui.modelPathLineEdit.setEnabled(local)
         haveModel = (not local) or bool(p and p.bundlePath and str(p.bundlePath) not in ("", "."))
         self.ui.runButton.enabled = bool(p and p.inputVolume) and haveModel and not running
         self.ui.cancelButton.enabled = running
-        self.ui.runLesionButton.enabled = bool(p and p.inputVolume and p.seed and p.lesionBundlePath) and not running
+        haveLesionModel = bool(p and p.lesionBundlePath and str(p.lesionBundlePath) not in ("", "."))  # unset is "."
+        self.ui.runLesionButton.enabled = bool(p and p.inputVolume and p.seed) and haveLesionModel and not running
         self.ui.showPatchButton.enabled = bool(p and p.inputVolume and p.seed)
         haveCase = bool(p and p.inputVolume)
         for button in (self.ui.markKeySliceButton, self.ui.unmarkKeySliceButton, self.ui.exportKeySlicesButton):
@@ -325,6 +377,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         finished = job.poll(wait_s=JOB_POLL_WAIT_S)
         self._setProgress(job.fraction, job.message)
+        self._showLog()
         if not finished:
             return
         self._job = None
@@ -333,11 +386,33 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.cancelled:
             self._setProgress(0.0, "cancelled; the scene is unchanged")
         elif job.error is not None:
+            self._showLog(f"failed: {job.error}")
             self._setProgress(0.0, "failed")
             slicer.util.errorDisplay(f"CLEAR failed: {job.error}")
         else:
             with slicer.util.tryWithErrorDisplay("Could not show the results.", waitCursor=True):
                 self._onJobDone(job.result)
+
+    def _showLog(self, note=None):
+        """The log panel: CLEARLib's records since the last call (from any thread), and `note`."""
+        if note:
+            self._log.note(note)
+        for line in self._log.drain():
+            self.ui.logTextEdit.appendPlainText(line)
+
+    def _showDevice(self, *_):
+        """The device a run would use, before it runs (nothing when PyTorch is not installed yet)."""
+        from CLEARLib.dependencies import torch_problem
+
+        if torch_problem() is not None or self._parameterNode is None:
+            self.ui.deviceLabel.text = ""
+            return
+        from CLEARLib.inference.runtime import describe_device
+
+        try:
+            self.ui.deviceLabel.text = _("Runs on: ") + describe_device(self._parameterNode.device)
+        except Exception as exc:  # noqa: BLE001  (a GPU asked for and missing: say so, do not raise in the GUI)
+            self.ui.deviceLabel.text = str(exc)
 
     def _setProgress(self, fraction, message):
         self.ui.progressBar.setValue(int(round(100 * fraction)))
@@ -358,6 +433,8 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeRedSlice()
         self._connectPlotClicks()
         self._setProgress(1.0, "done: " + ", ".join(f"{k} {v:.2f}" for k, v in result.probabilities.items()))
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+        self._showLog(f"{result.bundle_name} on {result.runtime}: {timings}; {json.dumps(result.probabilities)}")
 
     def _fillTopSlices(self, *_):
         if self._caseResult is None:
@@ -404,13 +481,18 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _connectPlotClicks(self):
         """Clicks on plot points jump to slices; the plot view exists once CLEAR's layout is shown."""
+        from CLEARLib import mrml
+
         layoutManager = slicer.app.layoutManager()
-        if self._plotClicksConnected or layoutManager is None or layoutManager.plotViewCount == 0:
+        view = mrml.clear_plot_view(slicer.mrmlScene)
+        if self._plotClicksConnected or layoutManager is None or view is None:
             return
-        layoutManager.plotWidget(0).plotView().connect(
-            "dataSelected(vtkStringArray*, vtkCollection*)", self.onPlotDataSelected
-        )
-        self._plotClicksConnected = True
+        for i in range(layoutManager.plotViewCount):  # plotWidget(i) comes in hash order: find CLEAR's own
+            widget = layoutManager.plotWidget(i)
+            if widget.mrmlPlotViewNode() is view:
+                widget.plotView().connect("dataSelected(vtkStringArray*, vtkCollection*)", self.onPlotDataSelected)
+                self._plotClicksConnected = True
+                return
 
     def onPlotDataSelected(self, seriesIds, selections):
         if self._plot is None:

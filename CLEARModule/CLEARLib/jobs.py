@@ -7,6 +7,8 @@ which hands the GIL to the worker; the GUI still gets control after every tick.
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,3 +70,39 @@ class BackgroundJob:
     @property
     def cancelled(self) -> bool:
         return isinstance(self.error, CLEARCancelled)
+
+
+class LogCollector(logging.Handler):
+    """Log records of CLEARLib (device, backend, timings, warnings) kept as lines for a log panel. Records come
+    from any thread (the worker's included); the GUI thread takes them with `drain()` when it polls, since a
+    Qt widget may only be touched from its own thread."""
+
+    def __init__(self, logger: str = "CLEARLib", level: int = logging.INFO, max_lines: int = 5000):
+        super().__init__(level)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self._logger = logging.getLogger(logger)
+        self._previous_level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._lines.append(self.format(record))
+
+    def note(self, message: str) -> None:
+        """A line of the GUI's own (what a run did), in the same panel."""
+        self.emit(logging.LogRecord(self._logger.name, logging.INFO, "", 0, message, None, None))
+
+    def drain(self) -> list[str]:
+        lines = []
+        while self._lines:
+            lines.append(self._lines.popleft())
+        return lines
+
+    def attach(self) -> LogCollector:
+        self._logger.addHandler(self)
+        if self._logger.getEffectiveLevel() > self.level:
+            self._logger.setLevel(self.level)
+        return self
+
+    def detach(self) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._previous_level)

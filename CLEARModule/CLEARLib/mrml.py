@@ -264,15 +264,34 @@ def slice_index_for_plot_point(plot: AttentionPlot, row: int) -> int:
     return int(plot.slice_index[row])
 
 
-def show_plot(scene, plot: AttentionPlot, layout_node=None) -> None:
-    """Register CLEAR's layout (slice views beside a plot view), switch to it, and show the chart."""
-    if layout_node is not None:
-        if not layout_node.IsLayoutDescription(LAYOUT_ID):
-            layout_node.AddLayoutDescription(LAYOUT_ID, LAYOUT_XML)
-        layout_node.SetViewArrangement(LAYOUT_ID)
+PLOT_VIEW_TAG = "CLEARPlot"  # the singleton tag of CLEAR's plot view in LAYOUT_XML
+
+
+def register_layout(layout_node) -> None:
+    """Make CLEAR's layout known to the layout node. The module does this at application start-up: a saved
+    scene stores only the layout's number, so a layout registered only after a run would be missing when
+    the scene is reopened."""
+    if layout_node is not None and not layout_node.IsLayoutDescription(LAYOUT_ID):
+        layout_node.AddLayoutDescription(LAYOUT_ID, LAYOUT_XML)
+
+
+def clear_plot_view(scene):
+    """CLEAR's own plot view node (made when its layout is shown), not whichever plot view comes first."""
     views = scene.GetNodesByClass("vtkMRMLPlotViewNode")
     for i in range(views.GetNumberOfItems()):
         view = views.GetItemAsObject(i)
+        if PLOT_VIEW_TAG in (view.GetSingletonTag(), view.GetLayoutName()):
+            return view
+    return None
+
+
+def show_plot(scene, plot: AttentionPlot, layout_node=None) -> None:
+    """Switch to CLEAR's layout (slice views beside a plot view) and show the chart in CLEAR's plot view."""
+    if layout_node is not None:
+        register_layout(layout_node)
+        layout_node.SetViewArrangement(LAYOUT_ID)
+    view = clear_plot_view(scene)
+    if view is not None:
         view.SetPlotChartNodeID(plot.chart_id)
         view.SetInteractionMode(slicer.vtkMRMLPlotViewNode.InteractionModeSelectPoints)  # clicks select slices
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from CLEARLib.errors import CLEARCancelled, CLEARInputError
 from CLEARLib.inference import CasePredictor
 from CLEARLib.jobs import BackgroundJob
@@ -72,3 +74,41 @@ def test_poll_hands_its_wait_to_the_worker():
     assert not job.poll(0.05)
     assert job.poll(5.0) and job.result == "done"
     assert time.monotonic() - started < 1.0 and job.error is None
+
+
+def test_log_collector_keeps_what_a_background_run_logged(tiny_case_bundle, phantom):
+    """The log panel's source: CLEARLib's records from the worker thread (device, backend check), drained on
+    the polling thread."""
+    from CLEARLib.inference import CasePredictor
+    from CLEARLib.jobs import BackgroundJob, LogCollector
+
+    volume, _ = phantom
+    collector = LogCollector().attach()
+    try:
+        job = BackgroundJob(lambda progress, cancel: CasePredictor(tiny_case_bundle, device="cpu").predict(volume))
+        job.start()
+        while not job.poll(0.05):
+            pass
+        collector.note("done: liver 0.5")
+        lines = collector.drain()
+    finally:
+        collector.detach()
+    assert job.error is None
+    assert any("onnxruntime verified against torch" in line for line in lines), lines
+    assert lines[-1].endswith("INFO done: liver 0.5") and collector.drain() == []
+
+
+def test_device_choice_and_description(monkeypatch):
+    import torch
+
+    from CLEARLib.inference import runtime
+
+    assert runtime.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.describe_device("cpu").startswith(f"CPU, {torch.get_num_threads()} threads")
+    if not torch.cuda.is_available():  # where torch sees Apple's GPU, "auto" and "gpu" use it
+        monkeypatch.setattr(runtime, "_mps_available", lambda: True)
+        assert runtime.resolve_device("auto").type == "mps" and runtime.resolve_device("gpu").type == "mps"
+        assert runtime.describe_device("mps") == "Apple GPU (MPS)"
+        monkeypatch.setattr(runtime, "_mps_available", lambda: False)
+        with pytest.raises(Exception, match="sees no CUDA \\(or Apple MPS\\) device"):
+            runtime.resolve_device("gpu")

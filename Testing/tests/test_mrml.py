@@ -99,11 +99,33 @@ def test_results_table_and_attention_plot(scene, phantom, tiny_case_bundle):
     assert mrml.slice_index_for_plot_point(plot, 7) == 7
 
     layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    other = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")  # another module's plot view, first in the scene
+    other.SetLayoutName("PlotView1")
     view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+    view.SetLayoutName(mrml.PLOT_VIEW_TAG)  # what the layout manager makes from CLEAR's layout
     mrml.show_plot(scene, plot, layout)
     assert layout.IsLayoutDescription(mrml.LAYOUT_ID) and layout.GetViewArrangement() == mrml.LAYOUT_ID
-    assert view.GetPlotChartNodeID() == plot.chart_id
+    assert mrml.clear_plot_view(scene) is view and view.GetPlotChartNodeID() == plot.chart_id
     assert view.GetInteractionMode() == slicer.vtkMRMLPlotViewNode.InteractionModeSelectPoints
+    assert other.GetPlotChartNodeID() is None  # left alone
+
+
+def test_layout_registered_at_start_up_survives_a_saved_scene(scene, tmp_path):
+    """The scene stores the layout's number only: a layout node that CLEAR registered at start-up shows it
+    again when a scene saved in CLEAR's layout is read back."""
+    layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    mrml.register_layout(layout)
+    layout.SetViewArrangement(mrml.LAYOUT_ID)
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    reopened = slicer.vtkMRMLScene()
+    fresh_layout = reopened.AddNewNodeByClass("vtkMRMLLayoutNode")  # the application's, at start-up
+    mrml.register_layout(fresh_layout)
+    reopened.SetURL(str(tmp_path / "scene.mrml"))
+    assert reopened.Connect()
+    layouts = reopened.GetNodesByClass("vtkMRMLLayoutNode")
+    arrangements = {layouts.GetItemAsObject(i).GetViewArrangement() for i in range(layouts.GetNumberOfItems())}
+    assert mrml.LAYOUT_ID in arrangements and fresh_layout.IsLayoutDescription(mrml.LAYOUT_ID)
 
 
 def _red_view(scene, volume_node):

@@ -135,7 +135,7 @@ class SliceEncoderRunner:
             raise CLEARInputError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
             raise CLEARInputError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
-        if device.type == "cuda" and backend == "onnxruntime":
+        if device.type != "cpu" and backend == "onnxruntime":
             raise CLEARInputError("the onnxruntime backend runs on the CPU; use --device cpu or --backend torch")
         if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
             raise CLEARInputError(

@@ -11,20 +11,44 @@ from ..errors import CLEARCancelled, CLEARRunError
 from ..progress import report
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" -> CUDA when present, else CPU; "gpu" is an alias of "cuda"."""
+    """ "auto" -> CUDA when present, else Apple's MPS when present, else CPU; "gpu" is CUDA or MPS."""
     if isinstance(device, torch.device):
         return device
     name = str(device).lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
+    if name == "gpu" and not torch.cuda.is_available() and _mps_available():
+        return torch.device("mps")
     if name in ("gpu", "cuda") or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise CLEARRunError("a GPU was requested but PyTorch sees no CUDA device")
+            raise CLEARRunError("a GPU was requested but PyTorch sees no CUDA (or Apple MPS) device")
         return torch.device("cuda" if name == "gpu" else name)
+    if name == "mps":
+        if not _mps_available():
+            raise CLEARRunError("Apple MPS was requested but PyTorch sees no MPS device")
+        return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"unknown device {device!r}: use auto, cpu, gpu or cuda[:N]")
+    raise ValueError(f"unknown device {device!r}: use auto, cpu, gpu, cuda[:N] or mps")
+
+
+def describe_device(device: str | torch.device = "auto") -> str:
+    """What a run on `device` would use, in words for the user: the GPU's name and memory, MPS, or the CPU."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        name = torch.cuda.get_device_name(index)
+        return f"GPU {index}: {name}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"
+    if resolved.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU, {torch.get_num_threads()} threads (no GPU: expect about a minute per 300-slice CT)"
 
 
 def cpu_has_native_bf16() -> bool:
