@@ -323,25 +323,37 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------ case inference
     def _bundleForRun(self):
+        """A function (progress, cancel) -> bundle path, run inside the job: a catalog model downloads there,
+        in the background with the progress bar and Cancel."""
         if self.ui.modelComboBox.currentText == LOCAL_BUNDLE:
-            return str(self._parameterNode.bundlePath)
+            path = str(self._parameterNode.bundlePath)
+            return lambda progress, cancel: path
         from CLEARLib.catalog import fetch, load_catalog
 
         entry = load_catalog().entry(self.ui.modelComboBox.currentText)
-        with slicer.util.WaitCursor():
-            return str(fetch(entry, cache_dir=Path(slicer.app.cachePath) / "CLEAR", progress=self._setProgress))
+        cache = Path(slicer.app.cachePath) / "CLEAR"
+        return lambda progress, cancel: str(fetch(entry, cache_dir=cache, progress=progress, cancel=cancel))
 
     def onRun(self):
         if not ensure_dependencies():
+            return
+        problem = self.logic.dicomProblem(self._parameterNode.inputVolume)
+        if problem and not slicer.util.confirmYesNoDisplay(
+            _("The DICOM series of this volume has a problem:") + f"\n\n{problem}\n\n" + _("Run CLEAR anyway?")
+        ):
             return
         with slicer.util.tryWithErrorDisplay("CLEAR could not start.", waitCursor=True):
             bundle = self._bundleForRun()
             self._ctVolume = self.logic.volumeFromNode(self._parameterNode.inputVolume)
             from CLEARLib.jobs import BackgroundJob
+            from CLEARLib.progress import scaled
 
-            work = lambda progress, cancel: self.logic.predictCase(  # noqa: E731
-                self._ctVolume, bundle, self._parameterNode.device, progress, cancel
-            )
+            device = self._parameterNode.device
+
+            def work(progress, cancel):
+                path = bundle(scaled(progress, 0.0, 0.2), cancel)
+                return self.logic.predictCase(self._ctVolume, path, device, scaled(progress, 0.2, 1.0), cancel)
+
             self._startJob(BackgroundJob(work).start(), self._onCaseDone)
 
     def _startJob(self, job, onDone):
@@ -633,6 +645,13 @@ class CLEARLogic(ScriptedLoadableModuleLogic):
         layoutNode = layoutManager.layoutLogic().GetLayoutNode() if layoutManager else None
         mrml.show_plot(scene, shown.plot, layoutNode)
         return shown
+
+    @staticmethod
+    def dicomProblem(volumeNode):
+        """CLEARLib.io's DICOM checks on the files behind a volume the DICOM module loaded (None if fine)."""
+        from CLEARLib import mrml
+
+        return mrml.dicom_problem(volumeNode, getattr(slicer, "dicomDatabase", None))
 
     @staticmethod
     def showPatch(volume, seedNode):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import CLEARInputError
+from .errors import CLEARInputError, check_cancel
 from .files import atomic_path
 from .resources import module_resource
 
@@ -81,8 +81,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(entry: CatalogEntry, cache_dir: str | os.PathLike | None = None, progress=None) -> Path:
-    """The cached, verified bundle of a catalog entry, downloading it first if needed."""
+def fetch(entry: CatalogEntry, cache_dir: str | os.PathLike | None = None, progress=None, cancel=None) -> Path:
+    """The cached, verified bundle of a catalog entry, downloading it first if needed. `cancel` (an Event or a
+    callable) stops the download between blocks (CLEARCancelled) and leaves nothing in the cache."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / f"{entry.name}-{entry.version}-{entry.sha256[:12]}.zip"
     if target.exists() and sha256_of(target) == entry.sha256:
@@ -92,6 +93,7 @@ def fetch(entry: CatalogEntry, cache_dir: str | os.PathLike | None = None, progr
         with atomic_path(target) as tmp:  # verified before it gets its final name
             with open(tmp, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
                 for block in iter(lambda: response.read(1 << 20), b""):
+                    check_cancel(cancel)
                     received += len(block)
                     if received > entry.size:  # never past what the catalog declares (a full disk)
                         raise CLEARInputError(f"download of {entry.name} exceeds its {entry.size} bytes", entry.url)

@@ -41,6 +41,16 @@ class CLEARPreempted(Exception):
         self.signum = signum
 
 
+def check_cancel(cancel) -> None:
+    """Raise CLEARCancelled when the user asked to stop: `cancel` is None, a callable returning True to stop,
+    or an object with is_set() (threading.Event)."""
+    if cancel is None:
+        return
+    stop = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
+    if stop:
+        raise CLEARCancelled("cancelled by the user")
+
+
 EXIT_INPUT, EXIT_RUN, EXIT_CANCELLED = 2, 1, 130
 
 

@@ -390,6 +390,25 @@ def first_input_volume(scene):
     return None
 
 
+def dicom_problem(volume_node, database) -> str | None:
+    """For a volume Slicer's DICOM module loaded: the same checks CLEARLib.io runs on a DICOM folder, on the
+    files the DICOM database holds for the node's instance UIDs (missing slices, tilt, duplicates, modality).
+    The problem in words, or None (also for volumes that did not come from DICOM)."""
+    from .io.dicom import check_series_files
+
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids or database is None:
+        return None
+    files = [database.fileForInstance(uid) for uid in uids]
+    if not all(files):
+        return f"{sum(not f for f in files)} of the series' {len(files)} instances are not in the DICOM database"
+    try:
+        check_series_files(files, where=volume_node.GetName())
+    except CLEARInputError as exc:
+        return str(exc)
+    return None
+
+
 # ------------------------------------------------------------------------------------- lesion
 def keep_last_point(markups_node) -> None:
     """A seed is one point: placing another replaces it (the newest point is kept)."""

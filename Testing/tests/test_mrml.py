@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML nodes) is needed for the glue tests")
@@ -13,7 +14,7 @@ from CLEARLib import mrml  # noqa: E402
 from CLEARLib.inference import CasePredictor  # noqa: E402
 from CLEARLib.preprocess import extract_lesion_patch  # noqa: E402
 
-from ctfactory import relayout  # noqa: E402
+from ctfactory import layout_of, relayout, write_dicom_series  # noqa: E402
 
 
 @pytest.fixture
@@ -289,3 +290,29 @@ def test_placing_a_seed_again_replaces_it(scene):
     mrml.keep_last_point(seed)
     assert seed.GetNumberOfControlPoints() == 1
     np.testing.assert_allclose(seed.GetNthControlPointPosition(0), (4.0, 5.0, 6.0))
+
+
+class _DicomDatabase:
+    """What the module asks of slicer.dicomDatabase (a ctkDICOMDatabase, which needs Qt): the file of an
+    instance UID. The files and the checks on them are real."""
+
+    def __init__(self, files):
+        self.files = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for f in files}
+
+    def fileForInstance(self, uid):  # noqa: N802  (ctkDICOMDatabase's name)
+        return self.files.get(uid, "")
+
+
+def test_volumes_loaded_from_dicom_get_the_readers_checks(scene, phantom, tmp_path):
+    volume, _ = phantom
+    node = mrml.node_from_volume(volume, scene, "3: CT chest")
+    assert mrml.dicom_problem(node, _DicomDatabase([])) is None  # not from DICOM: nothing to check
+    complete = write_dicom_series(layout_of(volume), tmp_path / "complete")
+    gap = write_dicom_series(layout_of(volume), tmp_path / "gap", skip=(4,))
+    for files, expected in ((complete, None), (gap, "missing slice")):
+        database = _DicomDatabase(files)
+        node.SetAttribute("DICOM.instanceUIDs", " ".join(database.files))
+        problem = mrml.dicom_problem(node, database)
+        assert problem is None if expected is None else expected in problem, problem
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.3.4")
+    assert "not in the DICOM database" in mrml.dicom_problem(node, _DicomDatabase(complete))

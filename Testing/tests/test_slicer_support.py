@@ -65,7 +65,18 @@ def test_requirements_are_what_the_module_imports():
                 imported.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
-    from_slicer = {"slicer", "vtk", "qt", "ctk", "numpy", "SimpleITK", "pydicom", "PyTorchUtils", "packaging"}
+    from_slicer = {
+        "slicer",
+        "vtk",
+        "qt",
+        "ctk",
+        "numpy",
+        "SimpleITK",
+        "pydicom",
+        "PyTorchUtils",
+        "packaging",
+        "SampleData",
+    }
     from_pytorch_extension = {"torch", "torchvision"}
     optional = {"mamba_ssm"}  # VMamba's CUDA kernel where it is installed; the torch path runs without it
     third_party = imported - set(sys.stdlib_module_names) - from_slicer - from_pytorch_extension - optional
@@ -108,3 +119,13 @@ def test_the_install_cannot_replace_torch(tmp_path):
     )
     assert refused.returncode != 0 and "torch" in refused.stderr
     assert needs_restart(["pandas>=2"]) and not needs_restart(["surely-not-a-package-clear>=1"])
+
+
+def test_a_cancelled_download_leaves_nothing_in_the_cache(tmp_path, tiny_case_bundle):
+    from CLEARLib.errors import CLEARCancelled
+
+    entry = catalog_entry_for(tiny_case_bundle, url=tiny_case_bundle.resolve().as_uri())
+    with pytest.raises(CLEARCancelled):
+        fetch(entry, cache_dir=tmp_path / "cache", cancel=lambda: True)
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert fetch(entry, cache_dir=tmp_path / "cache", cancel=lambda: False).exists()

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..errors import CLEARCancelled, CLEARRunError
+from ..errors import CLEARCancelled, CLEARRunError, check_cancel  # noqa: F401  (check_cancel: re-exported)
 from ..progress import report
 
 
@@ -82,15 +82,6 @@ def default_batch_size(device: torch.device, per_item_mb: float, cpu_default: in
         return cpu_default
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(512, free / 2 / (per_item_mb * 2**20))))
-
-
-def check_cancel(cancel) -> None:
-    """`cancel` is None, a callable returning True to stop, or an object with is_set() (threading.Event)."""
-    if cancel is None:
-        return
-    stop = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
-    if stop:
-        raise CLEARCancelled("cancelled by the user")
 
 
 class StageTimer:

@@ -201,7 +201,11 @@ def _scan_folder(folder: Path) -> dict[str, _Series]:
     for root, dirs, names in os.walk(folder, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
-    files.sort()
+    return _group_series(sorted(files), folder)
+
+
+def _group_series(files: list[Path], folder: Path) -> dict[str, _Series]:
+    """The image files' headers grouped by series (localizers and non-images left out)."""
     series: dict[str, _Series] = {}
     skipped_localizers = defaultdict(int)
     for path in files:
@@ -411,6 +415,26 @@ def _load_pixels(frames: list[_Frame], where: Path) -> np.ndarray:
         else:
             out[k] = hu
     return out
+
+
+def check_series_files(files, where: str | os.PathLike | None = None) -> str:
+    """The reader's checks (modality, one series, missing slices, spacing, duplicates, gantry tilt, overlapping
+    acquisitions) on a series given as its files, e.g. a volume Slicer's DICOM module loaded from its
+    database; headers only, no pixel data. Returns why the series was accepted; raises CLEARInputError
+    naming the problem otherwise."""
+    paths = sorted(Path(f) for f in files)
+    where = Path(where) if where is not None else (paths[0].parent if paths else Path("."))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CLEARInputError(
+            f"{len(missing)} of the series' {len(paths)} files are missing (first: {missing[0]})", where
+        )
+    series = _group_series(paths, where)
+    if not series:
+        raise CLEARInputError("no DICOM images among the series' files", where)
+    chosen, reason = _choose_series(series, None, False, where)
+    _check_and_sort(_frames_of(chosen), where)
+    return reason
 
 
 def read_dicom(path: Path, series_uid: str | None = None, allow_non_ct: bool = False, resample_oblique=False):
