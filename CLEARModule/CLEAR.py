@@ -225,7 +225,6 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runButton.connect("clicked(bool)", self.onRun)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.topSlicesTable.connect("cellDoubleClicked(int,int)", self.onTopSliceActivated)
-        self.ui.topKSpinBox.connect("valueChanged(int)", self._fillTopSlices)
         self.ui.jumpToSliceButton.connect("clicked(bool)", self.onJumpToSelectedSlice)
         self.ui.showOverlayCheckBox.connect("toggled(bool)", self.onOverlayChanged)
         self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayChanged)
@@ -290,6 +289,9 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is not None and getattr(self, "_shownDevice", None) != p.device:
             self._shownDevice = p.device
             self._showDevice()
+        if p is not None and getattr(self, "_shownTopK", None) != p.topK:  # after the parameter changed, not before
+            self._shownTopK = p.topK
+            self._fillTopSlices()
         running = self._job is not None
         local = self.ui.modelComboBox.currentText == LOCAL_BUNDLE
         self.ui.modelPathLineEdit.setEnabled(local)
