@@ -344,7 +344,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("The DICOM series of this volume has a problem:") + f"\n\n{problem}\n\n" + _("Run CLEAR anyway?")
         ):
             return
-        with slicer.util.tryWithErrorDisplay("CLEAR could not start.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("CLEAR could not start."), waitCursor=True):
             bundle = self._bundleForRun()
             self._ctVolume = self.logic.volumeFromNode(self._parameterNode.inputVolume)
             from CLEARLib.jobs import BackgroundJob
@@ -398,13 +398,13 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self._updateButtons()
         if job.cancelled:
-            self._setProgress(0.0, "cancelled; the scene is unchanged")
+            self._setProgress(0.0, _("cancelled; the scene is unchanged"))
         elif job.error is not None:
             self._showLog(f"failed: {job.error}")
-            self._setProgress(0.0, "failed")
-            slicer.util.errorDisplay(f"CLEAR failed: {job.error}")
+            self._setProgress(0.0, _("failed"))
+            slicer.util.errorDisplay(_("CLEAR failed:") + f" {job.error}")
         else:
-            with slicer.util.tryWithErrorDisplay("Could not show the results.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("Could not show the results."), waitCursor=True):
                 self._onJobDone(job.result)
 
     def _showLog(self, note=None):
@@ -435,7 +435,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self):
         if self._job is not None:
             self._job.cancel()
-            self.ui.statusLabel.text = "cancelling after the current batch..."
+            self.ui.statusLabel.text = _("cancelling after the current batch...")
 
     def _onCaseDone(self, result):
         self._caseResult = result
@@ -446,7 +446,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillTopSlices()
         self._observeRedSlice()
         self._connectPlotClicks()
-        self._setProgress(1.0, "done: " + ", ".join(f"{k} {v:.2f}" for k, v in result.probabilities.items()))
+        self._setProgress(1.0, _("done:") + " " + ", ".join(f"{k} {v:.2f}" for k, v in result.probabilities.items()))
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
         self._showLog(f"{result.bundle_name} on {result.runtime}: {timings}; {json.dumps(result.probabilities)}")
 
@@ -542,7 +542,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRunLesion(self):
         if not ensure_dependencies():
             return
-        with slicer.util.tryWithErrorDisplay("CLEAR could not start the lesion model.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("CLEAR could not start the lesion model."), waitCursor=True):
             p = self._parameterNode
             volume = self.logic.volumeFromNode(p.inputVolume)
             self.logic.showPatch(volume, p.seed)
@@ -563,7 +563,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 for k in result.stability["mean"]
             ]
         self.ui.lesionResultLabel.text = "\n".join(lines)
-        self._setProgress(1.0, "lesion done")
+        self._setProgress(1.0, _("lesion done"))
 
     # ---------------------------------------------------------------------------- key slices
     def _keySlices(self):
@@ -605,7 +605,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._showKeySliceCount()
 
     def onExportKeySlices(self):
-        with slicer.util.tryWithErrorDisplay("Could not export the key slices.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not export the key slices."), waitCursor=True):
             path = self._parameterNode.keySliceExportPath
             if not path or str(path) in ("", "."):
                 from CLEARLib.io.cohort import file_stem_for  # DICOM volumes are named "3: CT chest" and the like
