@@ -245,6 +245,46 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from .published import PUBLISHED_NAMES, fetch_published, published_entry
+
+    if args.list or not args.name:
+        for name in PUBLISHED_NAMES:
+            entry = published_entry(name)
+            print(
+                f"{entry.describe()}\n    {entry.url}\n    converted by '{entry.converter}' into a {entry.kind} bundle"
+            )
+        return 0
+    entry = published_entry(args.name)
+    print(entry.describe(), file=sys.stderr)
+    with ProgressBar(f"fetch {entry.name}", quiet=args.quiet) as bar:
+        bundle, record = fetch_published(entry.name, progress=bar)
+    print(json.dumps({"bundle": str(bundle), **record}, indent=2))
+    if record["verified_by"].startswith("first download"):
+        print(
+            f"{entry.name} has no published checksum: its sha256 {record['sha256']} was recorded at the first "
+            "download and later downloads must match it",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def resolve_model(model: str) -> str:
+    """A bundle path as given, or the cached bundle of published weights fetched before (`clear-ct fetch`)."""
+    if model is None or Path(model).exists():
+        return model
+    from .published import PUBLISHED_NAMES, cached_bundle, published_entry
+
+    if model not in PUBLISHED_NAMES:
+        return model  # the loader names the missing file
+    bundle = cached_bundle(published_entry(model))
+    if bundle is None:
+        raise CLEARInputError(
+            f"{model} has not been downloaded: run `clear-ct fetch {model}` first ({published_entry(model).describe()})"
+        )
+    return str(bundle)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clear-ct", description=__doc__)
     parser.add_argument("--version", action="version", version=f"clear-ct {__version__}")
@@ -317,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--windows", nargs="+", default=["abdomen", "lung"], help="moco: windows of the bundle")
     convert.add_argument("--input-size", type=int, default=224, help="moco: input size")
     convert.set_defaults(func=cmd_convert)
+
+    fetch = sub.add_parser(
+        "fetch", help="download, verify and convert published weights (FMCIB, timm's ImageNet MambaOut); --list"
+    )
+    fetch.add_argument("name", nargs="?", help="fmcib, mambaout_tiny.in1k, ... (see --list)")
+    fetch.add_argument("--list", action="store_true", help="what can be fetched: source, license, size limit")
+    fetch.set_defaults(func=cmd_fetch)
     return parser
 
 
@@ -336,7 +383,18 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(attach_negative_values(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return run_command("clear-ct", args.func, args)
+    return run_command("clear-ct", _with_model_resolved(args.func), args)
+
+
+def _with_model_resolved(command):
+    """`--model fmcib` (or another published name fetched before) means its cached bundle, for every command."""
+
+    def run(args):
+        if getattr(args, "model", None) is not None:
+            args.model = resolve_model(args.model)
+        return command(args)
+
+    return run
 
 
 if __name__ == "__main__":

@@ -306,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return run_command("clear-train", args.func, args)
+    from CLEARLib.cli import resolve_model
+
+    def command(args):
+        if getattr(args, "model", None) is not None:  # `--model mambaout_tiny.in1k`: what `clear-ct fetch` made
+            args.model = resolve_model(args.model)
+        return args.func(args)
+
+    return run_command("clear-train", command, args)
 
 
 if __name__ == "__main__":

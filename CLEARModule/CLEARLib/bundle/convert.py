@@ -86,8 +86,11 @@ def fmcib_trunk_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
-def convert_fmcib(weights: str | os.PathLike, out: str | os.PathLike, name: str = "fmcib-foundation") -> Path:
-    """FMCIB's published foundation weights into a lesion bundle (features only), every key matched."""
+def convert_fmcib(
+    weights: str | os.PathLike, out: str | os.PathLike, name: str = "fmcib-foundation", provenance: dict | None = None
+) -> Path:
+    """FMCIB's published foundation weights into a lesion bundle (features only), every key matched.
+    `provenance` adds to what the manifest records (where the file came from, its sha256, its license)."""
     encoder = create_encoder("fmcib_resnet50")
     load_state_strict(encoder.trunk, fmcib_trunk_state(weights), "FMCIB trunk", weights)
     return save_bundle(
@@ -96,7 +99,7 @@ def convert_fmcib(weights: str | os.PathLike, out: str | os.PathLike, name: str 
         kind="lesion",
         encoder=encoder,
         description="FMCIB foundation model (Pai et al. 2024): 4096-d lesion features from a 50 mm patch",
-        provenance={"converted_from": Path(weights).name, "converter": "fmcib"},
+        provenance={"converted_from": Path(weights).name, "converter": "fmcib", **(provenance or {})},
     )
 
 
@@ -181,6 +184,7 @@ def convert_mambaout(
     windows=("abdomen", "lung"),
     input_size: int = 224,
     encoder_kwargs: dict | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """MambaOut weights (timm's ImageNet `mambaout_*.in1k` files, or the original repository's
     checkpoints) into an encoder-only case bundle: the classifier's keys are dropped by name, every
@@ -190,7 +194,7 @@ def convert_mambaout(
     encoder_entry(architecture)
     state, dropped = mambaout_state(weights)
     return _convert_foreign(weights, state, dropped, out, architecture, "mambaout", name, windows, input_size,
-                            encoder_kwargs)  # fmt: skip
+                            encoder_kwargs, provenance)  # fmt: skip
 
 
 # Official VMamba (MzeroMiko/VMamba) names -> CLEAR's VSSM names. Older checkpoints' names are first
@@ -249,7 +253,8 @@ def convert_vmamba(
                             encoder_kwargs)  # fmt: skip
 
 
-def _convert_foreign(source, state, dropped, out, architecture, converter, name, windows, input_size, encoder_kwargs):
+def _convert_foreign(source, state, dropped, out, architecture, converter, name, windows, input_size, encoder_kwargs,
+                     provenance=None):  # fmt: skip
     """Published weights already renamed to the encoder's network (`.model` inside CLEAR's wrapper), their
     classifier dropped: load every key strictly and save the encoder-only bundle, recording the source."""
     source = Path(source)
@@ -268,5 +273,6 @@ def _convert_foreign(source, state, dropped, out, architecture, converter, name,
             "source_sha256": sha256_of(source),
             "converter": converter,
             "dropped_classifier_keys": dropped,
+            **(provenance or {}),
         },
     )
