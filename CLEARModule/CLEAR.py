@@ -230,6 +230,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayChanged)
         self.ui.showPatchButton.connect("clicked(bool)", self.onShowPatch)
         self.ui.runLesionButton.connect("clicked(bool)", self.onRunLesion)
+        self.ui.fetchFmcibButton.connect("clicked(bool)", self.onFetchFmcib)
         self.ui.markKeySliceButton.connect("clicked(bool)", self.onMarkKeySlice)
         self.ui.unmarkKeySliceButton.connect("clicked(bool)", self.onUnmarkKeySlice)
         self.ui.addBoxButton.connect("clicked(bool)", self.onAddBox)
@@ -553,6 +554,29 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 volume, seed, bundle, stability, device, progress, cancel
             )
             self._startJob(BackgroundJob(work).start(), self._onLesionDone)
+
+    def onFetchFmcib(self):
+        """FMCIB's published weights as the lesion model: one confirmation naming source, size and license, then
+        download, verification and conversion in the background (CLEARLib.published), and the bundle is set."""
+        if not ensure_dependencies():
+            return
+        from CLEARLib.jobs import BackgroundJob
+        from CLEARLib.published import cached_bundle, fetch_published, published_entry
+
+        entry = published_entry("fmcib")
+        cached = cached_bundle(entry)
+        if cached is None:
+            question = _("Download FMCIB's lesion model?") + f"\n\n{entry.describe()}\n{entry.url}"
+            if not slicer.util.confirmOkCancelDisplay(question):
+                return
+        work = lambda progress, cancel: fetch_published("fmcib", progress=progress, cancel=cancel)  # noqa: E731
+        self._startJob(BackgroundJob(work).start(), self._onFmcibFetched)
+
+    def _onFmcibFetched(self, fetched):
+        bundle, record = fetched
+        self._parameterNode.lesionBundlePath = Path(bundle)
+        self._showLog(f"FMCIB: {bundle} (sha256 {record['sha256'][:16]}, verified by {record['verified_by']})")
+        self._setProgress(1.0, _("FMCIB ready: place a seed and run the lesion model"))
 
     def _onLesionDone(self, result):
         lines = [f"{label}: {prob:.3f}" for label, prob in result.probabilities.items()] or ["features only"]
