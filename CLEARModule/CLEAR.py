@@ -33,6 +33,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 LOCAL_BUNDLE = "Local bundle (folder or .zip)"
+# Parameters the widget syncs itself instead of binding them: Slicer's Path connector would write an unset
+# path as "." into the field, where an empty field is what the user should see.
+PATH_FIELDS = {"bundlePath": "modelPathLineEdit", "lesionBundlePath": "lesionModelPathLineEdit"}
 JOB_POLL_WAIT_S = 0.085  # of every 10 ms timer tick plus this wait, the worker gets the wait
 
 
@@ -230,6 +233,10 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayChanged)
         self.ui.showPatchButton.connect("clicked(bool)", self.onShowPatch)
         self.ui.runLesionButton.connect("clicked(bool)", self.onRunLesion)
+        for field, widgetName in PATH_FIELDS.items():
+            getattr(self.ui, widgetName).connect(
+                "currentPathChanged(QString)", lambda path, field=field: self._onPathEdited(field, path)
+            )
         self.ui.fetchFmcibButton.connect("clicked(bool)", self.onFetchFmcib)
         self.ui.markKeySliceButton.connect("clicked(bool)", self.onMarkKeySlice)
         self.ui.unmarkKeySliceButton.connect("clicked(bool)", self.onUnmarkKeySlice)
@@ -281,8 +288,15 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            for field, widgetName in PATH_FIELDS.items():  # an unset path shows as an empty field
+                value = str(getattr(self._parameterNode, field))
+                getattr(self.ui, widgetName).currentPath = "" if value in ("", ".") else value
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._updateButtons()
+
+    def _onPathEdited(self, field, path):
+        if self._parameterNode is not None:
+            setattr(self._parameterNode, field, Path(path))  # "" is stored as "." and means unset
 
     def _updateButtons(self, *_):
         p = self._parameterNode
@@ -574,7 +588,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onFmcibFetched(self, fetched):
         bundle, record = fetched
-        self._parameterNode.lesionBundlePath = Path(bundle)
+        self.ui.lesionModelPathLineEdit.currentPath = str(bundle)  # sets lesionBundlePath (_onPathEdited)
         self._showLog(f"FMCIB: {bundle} (sha256 {record['sha256'][:16]}, verified by {record['verified_by']})")
         self._setProgress(1.0, _("FMCIB ready: place a seed and run the lesion model"))
 

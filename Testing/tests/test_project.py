@@ -91,4 +91,7 @@ def test_widget_names_in_clear_py_match_the_ui():
     parameter_class = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "CLEARParameterNode")
     fields = {n.target.id for n in parameter_class.body if isinstance(n, ast.AnnAssign)}
     bound = {param for _, param in widgets.values() if param}
-    assert bound == fields, (sorted(bound - fields), sorted(fields - bound))
+    # path fields the widget syncs itself (PATH_FIELDS in CLEAR.py), each with its line edit in the .ui
+    synced = ast.literal_eval(re.search(r"^PATH_FIELDS = (\{.*?\})$", source, re.M).group(1))
+    assert set(synced.values()) <= set(widgets) and not set(synced) & bound
+    assert bound | set(synced) == fields, (sorted(bound - fields), sorted(fields - bound - set(synced)))
