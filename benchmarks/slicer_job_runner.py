@@ -7,7 +7,9 @@ the GIL between ticks, as Slicer's main thread does:
         benchmarks/slicer_job_runner.py
 
 Environment: CLEAR_JOB_SLICES (default 60) slices of a synthetic CT; CLEAR_JOB_ENCODER (default
-mambaout_femto); CLEAR_JOB_POLL_S (default 0.085, the widget's wait per tick).
+mambaout_femto); CLEAR_JOB_POLL_S (default 0.085, the widget's wait per tick). CLEAR_JOB_CASES=N (N > 0)
+runs a cohort of N such CTs as the module's background batch instead (CLEARLib.batch.start_batch, in a
+slicer-core scene whose tables each poll fills, as the widget's timer does).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from CLEARLib.phantom import make_phantom
 SLICES = int(os.environ.get("CLEAR_JOB_SLICES", 60))
 ENCODER = os.environ.get("CLEAR_JOB_ENCODER", "mambaout_femto")
 POLL_S = float(os.environ.get("CLEAR_JOB_POLL_S", 0.085))
+CASES = int(os.environ.get("CLEAR_JOB_CASES", 0))
 
 torch.manual_seed(0)
 _folder = tempfile.mkdtemp(prefix="clear-job-")
@@ -49,6 +52,17 @@ _state: dict = {}
 
 def start():
     _state["started"] = time.perf_counter()
+    if CASES:
+        import slicer
+
+        from CLEARLib import mrml
+        from CLEARLib.batch import start_batch
+
+        scene = slicer.vtkMRMLScene()
+        slicer.mrmlScene = scene
+        nodes = {f"case{i}": mrml.node_from_volume(_volume, scene, f"case{i}") for i in range(CASES)}
+        _state["job"] = start_batch(nodes, _predictor, scene=scene)
+        return
     _state["job"] = BackgroundJob(lambda progress, cancel: _predictor.predict(_volume, progress, cancel)).start()
 
 
@@ -58,6 +72,17 @@ def poll() -> bool:
 
 def result():
     job = _state["job"]
+    if CASES:
+        batch = job.result
+        return {
+            "encoder": ENCODER,
+            "cases": CASES,
+            "instances_per_case": 2 * SLICES,
+            "error": None if job.error is None else str(job.error),
+            "ok": int((batch.predictions.status == "ok").sum()) if batch is not None else 0,
+            "table_rows": batch.predictions_node.GetNumberOfRows() if batch is not None else 0,
+            "poll_wait_s": POLL_S,
+        }
     return {
         "encoder": ENCODER,
         "instances": 2 * SLICES,
