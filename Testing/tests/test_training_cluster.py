@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from configfactory import TINY_ENCODER, write_config
 from deeplesion_factory import write_deeplesion
 
 from clear_training.config import load_config
@@ -27,7 +27,6 @@ from CLEARLib.errors import CLEARInputError, CLEARRunError
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "training" / "slurm" / "train.sbatch"
 BIN = Path(sys.executable).parent
-TINY_ENCODER = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 pytestmark = pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun is installed with torch")
 
 
@@ -49,12 +48,7 @@ def _config(folder: Path, store: Path, name: str, out_dir=None, **overrides) -> 
         "method": {"name": "lecl", "lam": 1.0},
         "optim": {"lr": 0.05, "batch_size": 8, "weight_decay": 0.0},
     }  # fmt: skip
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        cfg[section][field] = value
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(folder, name, cfg, overrides)
 
 
 def _checkpoint(folder: Path, name: str = "last.pt") -> dict:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-import yaml
+from configfactory import write_config
 
 from clear_training.cli import main as train_main
 from clear_training.config import LesionPretrainConfig, load_config
@@ -66,12 +66,7 @@ def _config(root, name, **overrides):
         "method": {"loss": "ntxent"},
         "optim": {"name": "lars", "lr": 2.0, "batch_size": 4, "weight_decay": 0.0},
     }
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        cfg[section][field] = value
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_config(path, model=LesionPretrainConfig)
+    return load_config(write_config(root, name, cfg, overrides), model=LesionPretrainConfig)
 
 
 def _nt_xent_by_hand(z1, z2, t):

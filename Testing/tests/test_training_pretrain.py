@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-import yaml
+from configfactory import TINY_ENCODER, write_config
 from deeplesion_factory import write_deeplesion
 
 from clear_training.cli import main as train_main
@@ -27,8 +27,6 @@ from CLEARLib.errors import CLEARInputError
 from CLEARLib.io import write_volume
 from CLEARLib.phantom import make_phantom
 from CLEARLib.preprocess import InputSpec, resolve_windows
-
-TINY_ENCODER = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -334,12 +332,7 @@ def _config(tmp_path, store, name="run", **overrides):
         "method": {"name": "lecl", "lam": 1.0},
         "optim": {"lr": 0.05, "batch_size": 16, "weight_decay": 0.0},
     }
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        cfg[section][field] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(tmp_path, name, cfg, overrides)
 
 
 def test_resume_continues_exactly(tmp_path, deeplesion_store):
