@@ -277,10 +277,11 @@ def resolve_model(model: str) -> str:
 
     if model not in PUBLISHED_NAMES:
         return model  # the loader names the missing file
-    bundle = cached_bundle(published_entry(model))
+    entry = published_entry(model)
+    bundle = cached_bundle(entry)
     if bundle is None:
         raise CLEARInputError(
-            f"{model} has not been downloaded: run `clear-ct fetch {model}` first ({published_entry(model).describe()})"
+            f"{model} has not been downloaded: run `clear-ct fetch {model}` first ({entry.describe()})"
         )
     return str(bundle)
 
@@ -383,11 +384,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(attach_negative_values(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return run_command("clear-ct", _with_model_resolved(args.func), args)
+    return run_command("clear-ct", with_model_resolved(args.func), args)
 
 
-def _with_model_resolved(command):
-    """`--model fmcib` (or another published name fetched before) means its cached bundle, for every command."""
+def with_model_resolved(command):
+    """`--model fmcib` (or another published name fetched before) means its cached bundle, for every command
+    of both command lines."""
 
     def run(args):
         if getattr(args, "model", None) is not None:

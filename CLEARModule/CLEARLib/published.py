@@ -51,27 +51,23 @@ class PublishedWeights:
         return f"{self.name}: {self.source}; license {self.license}; at most {self.max_bytes / 2**20:.0f} MiB"
 
 
-def _parameter_bytes(architecture: str, **kwargs) -> int:
-    """float32 bytes of a model's parameters and buffers, counted without allocating them (meta device)."""
+def _float32_bytes(make_model) -> int:
+    """float32 bytes of the parameters and buffers of `make_model()`, built on the meta device (nothing
+    allocated)."""
     import torch
 
-    from .models import create_encoder
-
     with torch.device("meta"):
-        model = create_encoder(architecture, **kwargs)
+        model = make_model()
     return sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
 
 
 def _timm_entry(name: str) -> PublishedWeights:
     import timm
-    import torch
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
     architecture = name.split(".")[0]
-    with torch.device("meta"):
-        model = timm.create_model(architecture, pretrained=False)  # with its ImageNet classifier, as published
-    size = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    size = _float32_bytes(lambda: timm.create_model(architecture, pretrained=False))  # with its classifier
     return PublishedWeights(
         name=name,
         kind="case",
@@ -85,6 +81,8 @@ def _timm_entry(name: str) -> PublishedWeights:
 
 
 def _fmcib_entry() -> PublishedWeights:
+    from .models import create_encoder
+
     return PublishedWeights(
         name="fmcib",
         kind="lesion",
@@ -95,7 +93,7 @@ def _fmcib_entry() -> PublishedWeights:
         converter="fmcib",
         architecture="fmcib_resnet50",
         # the checkpoint holds the trunk and may hold heads and training state: three times the trunk
-        max_bytes=3 * _parameter_bytes("fmcib_resnet50") + _BLOCK,
+        max_bytes=3 * _float32_bytes(lambda: create_encoder("fmcib_resnet50")) + _BLOCK,
     )
 
 
@@ -141,8 +139,13 @@ def cached_bundle(entry: PublishedWeights, cache: Path | None = None) -> Path | 
     sha = entry.sha256 or _known(cache).get(entry.name, {}).get("sha256")
     if sha is None:
         return None
-    bundle = cache / "bundles" / f"{entry.name}-{sha[:16]}.zip"
+    bundle = _bundle_path(cache, entry, sha)
     return bundle if bundle.exists() else None
+
+
+def _bundle_path(cache: Path, entry: PublishedWeights, sha: str) -> Path:
+    """Where the bundle converted from the file with this sha256 is cached."""
+    return cache / "bundles" / f"{entry.name}-{sha[:16]}.zip"
 
 
 def _download(entry: PublishedWeights, part: Path, progress, cancel) -> None:
@@ -233,7 +236,7 @@ def fetch_published(name: str, cache: str | os.PathLike | None = None, progress=
         known = {"sha256": sha, "size": size, "url": entry.url, "first_seen": time.strftime("%Y-%m-%d")}
         write_json(_known_file(cache), {**_known(cache), entry.name: known})
     record = _record(entry, sha, known)
-    bundle = cache / "bundles" / f"{entry.name}-{sha[:16]}.zip"
+    bundle = _bundle_path(cache, entry, sha)
     report(progress, 1.0, f"converting {entry.name}")
     _convert(entry, weights, bundle, record)
     return bundle, record

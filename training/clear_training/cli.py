@@ -306,14 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from CLEARLib.cli import resolve_model
+    from CLEARLib.cli import with_model_resolved
 
-    def command(args):
-        if getattr(args, "model", None) is not None:  # `--model mambaout_tiny.in1k`: what `clear-ct fetch` made
-            args.model = resolve_model(args.model)
-        return args.func(args)
-
-    return run_command("clear-train", command, args)
+    return run_command("clear-train", with_model_resolved(args.func), args)
 
 
 if __name__ == "__main__":
