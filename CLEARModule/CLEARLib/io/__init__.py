@@ -54,7 +54,7 @@ def read_ct(
     _check_header_before_reading(path)
     meta = {"format": next(suffix for suffix in IMAGE_SUFFIXES if path.name.lower().endswith(suffix)).lstrip(".")}
     if meta["format"] in ("nii", "nii.gz"):
-        _refuse_incomplete_nifti(path)
+        _check_nifti(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -62,8 +62,6 @@ def read_ct(
         if meta["format"] in ("mha", "mhd") and "No such file" in last_line:  # MetaIO's words for short data
             last_line = "the voxel data is unreadable or shorter than the header declares"
         raise CLEARInputError(f"cannot read image file: {last_line}", path) from exc
-    if meta["format"] in ("nii", "nii.gz"):
-        _refuse_non_finite_nifti(path)
     volume = CTVolume.from_sitk(image, meta=meta, resample_oblique=resample_oblique, source=path)
     if min(volume.shape) < 2:  # as for DICOM series: a single slice or voxel is not a CT volume to score
         problem = f"shape (z, y, x) {volume.shape}: a CT volume needs at least 2 voxels on every axis"
@@ -166,20 +164,28 @@ def _confine_detached_data(path: Path) -> None:
         raise CLEARInputError(f"the header's data file {value!r} is missing or not a regular file", path)
 
 
-def _refuse_incomplete_nifti(path: Path) -> None:
-    """ITK reads a NIfTI file whose voxel data stops early (a cut download or copy) without a word and fills
-    the rest with zeros, so the volume's top half would be water. The header says how many bytes follow it;
-    they must all be there (for .nii.gz, decompressed: a stream read, never held in memory)."""
+def _check_nifti(path: Path) -> None:
+    """What ITK's NIfTI reader lets through without a word, checked on the header nibabel reads once: voxel
+    data cut short, no geometry, NaN or infinite values."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # nibabel's own header errors name the problem
+        raise CLEARInputError(f"cannot read the NIfTI header: {exc}", path) from exc
+    _refuse_incomplete_nifti(image.header, path)
+    _refuse_non_finite_nifti(image, path)
+
+
+def _refuse_incomplete_nifti(header, path: Path) -> None:
+    """ITK reads a NIfTI file whose voxel data stops early (a cut download or copy) and fills the rest with
+    zeros, so the volume's top half would be water. The header says how many bytes follow it; they must all
+    be there (for .nii.gz, decompressed: a stream read, never held in memory)."""
     import gzip
     import zlib
 
-    import nibabel as nib
     import numpy as np
 
-    try:
-        header = nib.load(str(path)).header
-    except Exception as exc:  # nibabel's own header errors name the problem
-        raise CLEARInputError(f"cannot read the NIfTI header: {exc}", path) from exc
     expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     if path.name.lower().endswith(".gz"):
         available = 0
@@ -200,17 +206,12 @@ def _refuse_incomplete_nifti(path: Path) -> None:
         )
 
 
-def _refuse_non_finite_nifti(path: Path) -> None:
-    """ITK's NIfTI reader turns NaN and infinite voxels into 0 without a word, so a broken float NIfTI would
-    read as water, and it invents a geometry for a header without one. nibabel reads the header and the
-    stored values; only float-typed files are checked for values (CT is mostly int16)."""
-    import nibabel as nib
+def _refuse_non_finite_nifti(image, path: Path) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0, so a broken float NIfTI would read as water,
+    and it invents a geometry for a header without one. nibabel reads the stored values; only float-typed
+    files are checked for values (CT is mostly int16)."""
     import numpy as np
 
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # nibabel's own header errors: let ITK's reading report the file
-        raise CLEARInputError(f"cannot read the NIfTI header: {exc}", path) from exc
     if int(image.header["qform_code"]) == 0 and int(image.header["sform_code"]) == 0:
         raise CLEARInputError(
             "no geometry: the header's qform and sform codes are 0, so position and orientation are unknown "
