@@ -189,7 +189,11 @@ class DistributedTrainer:
                 self._take_lock()
         except (CLEARInputError, CLEARRunError) as exc:
             problem = exc
-        self._check_ranks_agree(checkpoint_digest, problem)
+        try:
+            self._check_ranks_agree(checkpoint_digest, problem)
+        except BaseException:
+            self.release_lock()  # a run that does not start holds no folder
+            raise
 
     # ------------------------------------------------------------------- to be provided by methods
     def prepare_data(self) -> int:
@@ -357,11 +361,9 @@ class DistributedTrainer:
         if self.dist.is_main:
             check.unlink(missing_ok=True)
         if problem is not None:
-            self.release_lock()
             raise problem
         stopped = [(rank, view["problem"]) for rank, view in enumerate(views) if view["problem"]]
         if stopped:
-            self.release_lock()
             raise CLEARRunError("; ".join(f"rank {rank} could not start: {text}" for rank, text in stopped))
         for view in views:
             del view["problem"]
@@ -373,7 +375,6 @@ class DistributedTrainer:
             if view != reference
         ]  # fmt: skip
         if differ:
-            self.release_lock()
             raise CLEARRunError(
                 f"the ranks do not share one output folder {self.out_dir}: rank 0 is at step {reference['step']} "
                 f"(checkpoint {reference['checkpoint'][:12] or 'none'}); " + "; ".join(differ) + ". Put run.out_dir "
