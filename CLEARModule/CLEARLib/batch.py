@@ -168,6 +168,7 @@ class BatchRun:
     provenance: dict = field(default_factory=dict)
     _synced: int = 0  # rows in the scene's tables, and ok rows among them (each has one attention frame)
     _synced_ok: int = 0
+    _synced_provenance: dict = field(default_factory=dict)  # what the tables' attributes say
     _nodes: tuple = (None, None)
     _earlier: tuple = (None, None)  # the results file's rows of cases outside this batch
 
@@ -301,13 +302,12 @@ class BatchRun:
         earlier = earlier.fillna({c: "" for c in _TEXT_COLUMNS if c in earlier})
         reusable = earlier[(earlier.status == "ok") & (earlier.bundle_sha256 == self.provenance["bundle_sha256"])]
         by_source = {source: row for source, row in zip(reusable.source, reusable.to_dict("records"), strict=True)}
-        done, reused_sources = set(), set()
+        done = set()
         for i, case in enumerate(self.cases):
             row = by_source.get(case.source) if case.resumable else None
             if row is None or (case.given_id and row["case"] != case.name):
                 continue
             done.add(i)
-            reused_sources.add(case.source)
             old_name = row["case"]
             same_case = (attention.source == case.source) & (attention.case == old_name)
             self.attention.append(attention[same_case].assign(case=case.name)[ATTENTION_COLUMNS])
@@ -376,9 +376,11 @@ class BatchRun:
             if n_ok > self._synced_ok:
                 append_to_table(attention_node, pd.concat(self.attention[self._synced_ok : n_ok], ignore_index=True))
             self._synced, self._synced_ok = len(rows), n_ok
-        for node in self._nodes:
-            for key, value in self.provenance.items():
-                node.SetAttribute(f"CLEAR.{key}", str(value))
+        if self.provenance != self._synced_provenance:  # polled every GUI tick: write only what changed
+            for node in self._nodes:
+                for key, value in self.provenance.items():
+                    node.SetAttribute(f"CLEAR.{key}", str(value))
+            self._synced_provenance = dict(self.provenance)
 
 
 def _progress_callback(progress, n_cases: int):

@@ -117,17 +117,18 @@ def _table_node(scene, name: str, node=None):
 def _fill_table(node, frame: pd.DataFrame) -> None:
     for column in frame.columns:
         values = frame[column].to_numpy()
-        if values.dtype.kind in "fiub":
-            array = vtk.vtkDoubleArray()
-            for v in values.astype(float):
-                array.InsertNextValue(v)
-        else:
-            array = vtk.vtkStringArray()
-            for v in values:
-                array.InsertNextValue(str(v))
+        array = vtk.vtkDoubleArray() if values.dtype.kind in "fiub" else vtk.vtkStringArray()
+        _insert(array, values)
         array.SetName(str(column))
         node.AddColumn(array)
     node.Modified()
+
+
+def _insert(array, values) -> None:
+    """Append values to a table column: numbers to a vtkDoubleArray, everything else as text."""
+    numeric = isinstance(array, vtk.vtkDoubleArray)
+    for value in values:
+        array.InsertNextValue(float(value) if numeric else str(value))
 
 
 def table_from_frame(scene, frame: pd.DataFrame, name: str, node=None):
@@ -148,9 +149,7 @@ def append_to_table(node, frame: pd.DataFrame) -> None:
         array = table.GetColumnByName(str(column))
         if array is None:
             raise ValueError(f"table {node.GetName()!r} has no column {column!r}")
-        numeric = isinstance(array, vtk.vtkDoubleArray)
-        for value in frame[column].to_numpy():
-            array.InsertNextValue(float(value) if numeric else str(value))
+        _insert(array, frame[column].to_numpy())
     table.Modified()
     node.Modified()
 
