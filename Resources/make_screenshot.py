@@ -36,15 +36,19 @@ def main() -> None:
     args = parser.parse_args()
     demo = Path(args.demo)
     summary = json.loads((demo / "summary.json").read_text())
-    volume = read_ct(demo / "data" / "heldout.nii.gz")
+    # The first held-out CT with a lesion whose most attended slice is on it (else the first with a lesion).
+    cases = [c for c in summary["heldout_cases"] if c["lesion_slices"]]
+    case = next((c for c in cases if min(abs(c["top_slice"] - k) for k in c["lesion_slices"]) <= 1), cases[0])
+    volume = read_ct(case["path"])
     predictor = CasePredictor(summary["case_bundle"], device="cpu")
     result = predictor.predict(volume)
-    seeds = summary.get("heldout_lesions_lps") or [None]
     with tempfile.TemporaryDirectory() as tmp:
-        view = render_case_view(volume, result, Path(tmp) / "view.png", predictor.bundle.windows[0], seed_lps=seeds[0])
+        view = render_case_view(
+            volume, result, Path(tmp) / "view.png", predictor.bundle.windows[0], seed_lps=case["lesions_lps"][0]
+        )
         view_pixels = plt.imread(view)
     z = volume.slice_positions_mm
-    marks = [float(z[k]) for slices in summary["heldout_lesion_slices"].values() for k in slices]
+    marks = [float(z[k]) for k in case["lesion_slices"]]
     plot = plt.imread(io.BytesIO(attention_plot_png(result.attention, "attention per slice", marks)))
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1, 1.25]})

@@ -88,3 +88,32 @@ def top_slices_png(volume, attention: pd.DataFrame, windows, k: int = 5) -> byte
         ax.axis("off")
     fig.tight_layout(pad=1.5)
     return figure_png(fig)
+
+
+def stability_plot_png(result, title: str = "") -> bytes:
+    """A lesion result's seed stability: each class's probability at every perturbed seed against how far
+    that seed moved from the clicked one (mm), with the clicked seed's probability as a line."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    stability = result.stability
+    if not stability or "drawn_probabilities" not in stability:
+        raise ValueError("the lesion result has no stability run with probabilities (predict with stability=N)")
+    moved = np.linalg.norm(np.asarray(stability["seeds_lps"]) - np.asarray(result.seed_lps), axis=1)
+    fig = Figure(figsize=(6, 3.4), dpi=110)
+    ax = fig.add_subplot()
+    for j, (label, clicked) in enumerate(result.probabilities.items()):
+        line = ax.axhline(clicked, linestyle="--", linewidth=0.9, color=f"C{j}")
+        ax.scatter(moved, stability["drawn_probabilities"][:, j], s=14, color=line.get_color(),
+                   label=f"{label}: {clicked:.2f} at the seed, {stability['mean'][label]:.2f} "
+                   f"\u00b1 {stability['std'][label]:.2f} moved")  # fmt: skip
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("seed moved by (mm)")
+    ax.set_ylabel("probability")
+    ax.set_title(
+        title or f"seed stability: {stability['n']} seeds drawn with sd {stability['sd_mm']:.0f} mm", fontsize=10
+    )
+    ax.legend(fontsize=7, loc="center right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return figure_png(fig)

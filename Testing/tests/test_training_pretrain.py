@@ -458,3 +458,25 @@ def test_crop_grid_equals_affine_grid():
     theta[:, :, 2] = boxes[:, :2]
     expected = F.affine_grid(theta, [3, 1, 9, 9], align_corners=False)
     torch.testing.assert_close(_crop_grid(boxes, hflip, vflip, 9), expected)
+
+
+def test_key_slice_fraction_fills_every_batch_with_key_slices(tmp_path, deeplesion_store):
+    root, _, _ = deeplesion_store
+    store = SliceStore(root / "store")
+    keys = set(np.flatnonzero(store.is_key).tolist())
+    assert 0 < len(keys) < len(store) // 4  # a store where key slices are rare
+    trainer = Trainer(load_config(_config(tmp_path, root / "store", "keys", data__key_slice_fraction=0.5)))
+    others = len(store) - len(keys)
+    assert trainer.steps_per_epoch == others // 8  # an epoch: one pass over the other slices, 8 per batch
+    seen_others = []
+    for step in range(trainer.steps_per_epoch):
+        rows = trainer.rows_for(0, step)
+        assert len(rows) == 16 and sum(int(r) in keys for r in rows) == 8
+        seen_others += [int(r) for r in rows if int(r) not in keys]
+    assert len(seen_others) == len(set(seen_others))  # no other slice twice in an epoch
+    assert not np.array_equal(trainer.rows_for(0, 0), trainer.rows_for(1, 0))
+    # A batch needs at least one key slice and one other slice.
+    with pytest.raises(CLEARInputError, match="key_slice_fraction"):
+        Trainer(load_config(_config(tmp_path, root / "store", "few", data__key_slice_fraction=0.01)))
+    history = trainer.fit()
+    assert all(r["key_slices"] == 8 for r in history)

@@ -62,6 +62,13 @@ class DataConfig(StrictModel):
         "the authors' (MoCo v3's) asymmetric colour augmentations: brightness/contrast jitter (p 0.8), blur p 1.0 "
         "and 0.1, solarisation p 0 and 0.2, horizontal flips",
     )
+    key_slice_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="LeCL: this share of every batch is drawn from the key slices (cycling through them), the rest "
+        "from the other slices, an epoch being one pass over those; default: all slices drawn alike, as the paper",
+    )
     lesion_crop_px: tuple[float, float] | None = Field(
         None,
         description="the authors' LeCL crop: side uniform in [low, high) pixels of the stored slice, centred on the "

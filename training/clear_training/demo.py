@@ -1,9 +1,12 @@
-"""`clear-train demo`: CLEAR end to end on a deterministic synthetic cohort, with an HTML report.
+"""`clear-train demo`: CLEAR end to end on a deterministic CT-like synthetic cohort, with an HTML report.
 
-Synthetic CTs with lesions in known organs go through the real pipeline with a small encoder:
-a short LeCL pretraining, feature extraction, ABMIL cross-validation, export of a case bundle,
-prediction on a held-out CT, and a lesion model with a seed and its stability. The bundles it makes
-load in the Slicer module and in `clear-ct predict` / `clear-ct lesion`.
+Chest-abdomen CT-like phantoms (varied bodies, organs, contrast phase, slice thickness, noise, vessels
+and calcifications as distractors) with liver lesions and lung nodules go through the real pipeline
+with a small encoder: a short LeCL pretraining, feature extraction, ABMIL cross-validation and a fold
+ensemble exported as a case bundle, then predictions on held-out CTs that no step trained on, beside a
+baseline (the same MIL on features of the same encoder before any training), and a lesion model scored
+on the held-out lesions with its seed stability. The bundles load in the Slicer module and in
+`clear-ct predict` / `clear-ct lesion`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +25,23 @@ import yaml
 
 from CLEARLib.files import write_atomic
 from CLEARLib.io import write_volume
-from CLEARLib.outputs import attention_plot_png, top_slices_png
-from CLEARLib.phantom import Lesion, make_phantom
+from CLEARLib.outputs import attention_plot_png, figure_png, stability_plot_png
+from CLEARLib.phantom import make_ct_like_case
 from CLEARLib.preprocess import resolve_windows
 from CLEARLib.progress import ProgressBar
 
 LABELS = ["liver", "lung"]
+# Held-out design: every label has positives and negatives, and some CTs have both or neither.
+HELDOUT_PATTERN = [("liver",), ("lung",), ("liver", "lung"), ()]
 
 
 @dataclass(frozen=True)
 class DemoSize:
     cases: int = 96
-    shape: tuple[int, int, int] = (24, 80, 80)
-    spacing: tuple[float, float, float] = (4.0, 4.0, 8.0)
+    heldout: int = 16
+    matrix: int = 96
     image_size: int = 64
-    pretrain_epochs: int = 10
+    pretrain_steps: int = 1500
     mil_epochs: int = 200
     mil_lr: float = 1e-3
     folds: int = 4
@@ -43,31 +49,23 @@ class DemoSize:
     stability: int = 20
 
 
-# The tests run the same cohort, pretraining and MIL as the full demo (the attention check needs the
-# encoder that much training), with a shorter lesion-model run.
-SMALL = DemoSize(lesion_epochs=1, stability=4)
+# The tests' run: fewer cases and steps, the same pipeline and report.
+SMALL = DemoSize(cases=48, heldout=8, pretrain_steps=200, mil_epochs=60, lesion_epochs=1, stability=4)
 
 
-def _case(i: int, size: DemoSize, rng) -> tuple:
-    """One synthetic CT: a liver lesion and/or a lung nodule, each present with probability 1/2."""
-    nz, ny, nx = size.shape
-    sx, sy, sz = size.spacing
-    extent = np.array([nx * sx, ny * sy, nz * sz])
-    lesions, labels = [], {}
-    liver = rng.random() < 0.5
-    lung = rng.random() < 0.5
-    if liver:  # inferior half, patient's right, inside the phantom's liver
-        lesions.append(Lesion("liver", (-0.17 * extent[0], -0.02 * extent[1], -0.22 * extent[2]), 3.0 * sx, 200))
-    if lung:  # superior half, patient's left, inside the lung
-        lesions.append(Lesion("lung", (0.17 * extent[0], -0.02 * extent[1], 0.25 * extent[2]), 3.0 * sx, 60))
-    labels = {"liver": int(liver), "lung": int(lung)}
-    volume, _ = make_phantom(size.shape, size.spacing, lesions=lesions, seed=1000 + i)
-    return volume, lesions, labels
+def _organs(i: int, size: DemoSize, rng) -> tuple[str, ...]:
+    if i >= size.cases:
+        return HELDOUT_PATTERN[(i - size.cases) % len(HELDOUT_PATTERN)]
+    return tuple(label for label in LABELS if rng.random() < 0.5)
 
 
-def _lesion_slices(volume, lesion) -> list[int]:
+def lesion_slices(volume, lesions) -> list[int]:
+    """Slices whose plane cuts a lesion."""
     z = volume.slice_positions_mm
-    return [int(k) for k in np.flatnonzero(np.abs(z - lesion.center_lps[2]) < lesion.radius_mm)]
+    hit = np.zeros(len(z), dtype=bool)
+    for lesion in lesions:
+        hit |= np.abs(z - lesion.center_lps[2]) < lesion.radius_mm
+    return [int(k) for k in np.flatnonzero(hit)]
 
 
 def _yaml(path: Path, data: dict) -> Path:
@@ -80,115 +78,62 @@ def _short_run(name: str, out_dir: Path, epochs: int) -> dict:
     return {"name": name, "out_dir": str(out_dir), "epochs": epochs, "warmup_epochs": 0, "log_every_steps": 5}
 
 
-def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: bool = False) -> dict:
-    import torch
-
-    from CLEARLib.inference import CasePredictor, LesionPredictor
-
-    from .config import LesionPretrainConfig, MilConfig, load_config
-    from .data import prepare_ct
-    from .export import export_encoder, export_lesion_bundle
-    from .extract import extract
-    from .lesion import LesionFinetuner
-    from .mil import run_mil
-    from .pretrain import Trainer
-
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    out = Path(out).resolve()  # the configs written below must not depend on the working directory
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
+def _write_cohort(data: Path, size: DemoSize, log) -> dict:
+    """The CTs, the training tables (cohort, labels, key slices for LeCL, lesion seeds) and the held-out truth."""
     rng = np.random.default_rng(0)
-    timings = {}
-
-    # 1. The cohort, its clinical table, key slices (for LeCL) and lesion seeds (for the lesion model).
-    log(f"[1/6] synthetic cohort of {size.cases} CTs + 1 held-out CT in {data}")
-    cohort, clinical, keys, seeds, truth = [], [], [], [], {}
-    for i in range(size.cases + 1):
-        volume, lesions, labels = _case(i, size, rng)
-        case = f"case{i:03d}" if i < size.cases else "heldout"
-        path = write_volume(volume, data / f"{case}.nii.gz")
-        truth[case] = (volume, lesions, labels)
-        if i == size.cases:
+    cohort, clinical, keys, seeds, heldout = [], [], [], [], []
+    for i in range(size.cases + size.heldout):
+        organs = _organs(i, size, rng)
+        volume, lesions = make_ct_like_case(1000 + i, organs, matrix=size.matrix)
+        truth = {label: int(label in organs) for label in LABELS}
+        if i >= size.cases:
+            case = f"heldout{i - size.cases:02d}"
+            path = write_volume(volume, data / "heldout" / f"{case}.nii.gz")
+            heldout.append({"case": case, "path": path, "volume": volume, "lesions": lesions, "truth": truth})
             continue
-        cohort.append({"case_id": case, "path": path.name, "patient_id": f"patient{i:03d}"})
-        clinical.append({"case_id": case, "patient_id": f"patient{i:03d}", **labels})
+        case = f"case{i:03d}"
+        path = write_volume(volume, data / f"{case}.nii.gz")
+        cohort.append(
+            {"case_id": case, "path": path.name, "patient_id": f"patient{i:03d}", "slices": volume.hu.shape[0]}
+        )
+        clinical.append({"case_id": case, "patient_id": f"patient{i:03d}", **truth})
         for lesion in lesions:
-            k = int(round(volume.lps_to_index(lesion.center_lps)[0]))
             centre = volume.lps_to_index(lesion.center_lps)
             r = lesion.radius_mm / volume.spacing[0]
             keys.append(
                 {
                     "case_id": case,
-                    "key_slice_index": k,
+                    "key_slice_index": int(round(centre[0])),
                     "x1": centre[2] - r,
                     "y1": centre[1] - r,
                     "x2": centre[2] + r,
                     "y2": centre[1] + r,
-                    "lesion_type": 4 if lesion.organ == "liver" else 5,
+                    "lesion_type": 4 if lesion.organ == "liver" else 5,  # DeepLesion's liver and lung types
                 }
             )
-            seeds.append(
-                {
-                    "image_path": path.name,
-                    "coordX": lesion.center_lps[0],
-                    "coordY": lesion.center_lps[1],
-                    "coordZ": lesion.center_lps[2],
-                    "label": "dense" if lesion.hu > 100 else "soft",
-                }
-            )
-    pd.DataFrame(cohort).to_csv(data / "cohort.csv", index=False)
+            x, y, z = lesion.center_lps
+            seeds.append({"image_path": path.name, "coordX": x, "coordY": y, "coordZ": z, "label": lesion.organ})
     pd.DataFrame(clinical).to_csv(data / "clinical.csv", index=False)
     pd.DataFrame(keys).to_csv(data / "key_slices.csv", index=False)
     pd.DataFrame(seeds).to_csv(data / "seeds.csv", index=False)
-    timings["cohort"] = time.perf_counter() - started
+    n_slices = sum(row["slices"] for row in cohort)
+    cohort = [{k: v for k, v in row.items() if k != "slices"} for row in cohort]
+    pd.DataFrame(cohort).to_csv(data / "cohort.csv", index=False)
+    return {"clinical": pd.DataFrame(clinical), "heldout": heldout, "n_lesions": len(seeds), "n_slices": n_slices}
 
-    # 2. A short LeCL pretraining of a small MambaOut on the cohort's slices.
-    log("[2/6] LeCL pretraining of a small MambaOut")
-    t = time.perf_counter()
-    prepare_ct(data / "cohort.csv", data / "store", key_slices_csv=data / "key_slices.csv", size=size.shape[1])
-    pretrain_cfg = _yaml(
-        out / "pretrain.yaml",
+
+def _mil(name: str, out: Path, features: Path, table: Path, encoder_bundle: Path, size: DemoSize, progress):
+    """ABMIL cross-validation on one feature set, its fold ensemble exported as a case bundle."""
+    from .config import MilConfig, load_config
+    from .mil import run_mil
+
+    config = _yaml(
+        out.parent / f"{name}.yaml",
         {
-            "run": _short_run("demo-encoder", out / "pretrain", size.pretrain_epochs),
-            "data": {"store": str(data / "store"), "image_size": size.image_size},
-            "model": {
-                "encoder": "mambaout_femto",
-                "encoder_kwargs": {"depths": [1, 1, 2, 1], "dims": [16, 24, 48, 64]},
-                "dim": 32,
-                "mlp_dim": 128,
-                # The demo's tiny encoder, trained for minutes, puts its attention on the lesion slices
-                # reliably only without the predictor's final BatchNorm (measured: with it, the
-                # held-out CT's most attended slice missed the lesion).
-                "predictor_last_bn": False,
-            },
-            "method": {"name": "lecl", "lam": 1.0},
-            "optim": {"lr": 0.02, "batch_size": 32, "weight_decay": 0.0},
-        },
-    )
-    trainer = Trainer(load_config(pretrain_cfg))
-    with ProgressBar("pretrain", total=trainer.total_steps(), unit="step", quiet=quiet) as bar:
-        history = trainer.fit(progress=bar)
-    encoder_bundle = export_encoder(out / "pretrain" / "last.pt", out / "bundles" / "demo-encoder.zip")
-    timings["pretrain"] = time.perf_counter() - t
-
-    # 3. Features of every case.
-    log("[3/6] feature extraction")
-    t = time.perf_counter()
-    with ProgressBar("extract", quiet=quiet) as bar:
-        extract(encoder_bundle, data / "cohort.csv", out / "features", device="cpu", rank=0, world_size=1, progress=bar)
-    timings["extract"] = time.perf_counter() - t
-
-    # 4. ABMIL cross-validation and the fold ensemble as a case bundle.
-    log("[4/6] ABMIL cross-validation")
-    t = time.perf_counter()
-    mil_cfg = _yaml(
-        out / "mil.yaml",
-        {
-            "run": {"name": "demo-lesion-location", "out_dir": str(out / "mil"), "device": "cpu"},
+            "run": {"name": name, "out_dir": str(out), "device": "cpu"},
             "data": {
-                "features": str(out / "features"),
-                "table": str(data / "clinical.csv"),
+                "features": str(features),
+                "table": str(table),
                 "task": "multilabel",
                 "labels": LABELS,
                 "folds": size.folds,
@@ -203,40 +148,151 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
                 "patience": 40,
             },
             "evaluation": {"bootstrap": 200, "attention_plots": 0},
-            "export": {"encoder_bundle": str(encoder_bundle), "name": "demo-lesion-location"},
+            "export": {"encoder_bundle": str(encoder_bundle), "name": name},
         },
     )
-    with ProgressBar("mil", quiet=quiet) as bar:
-        metrics = run_mil(load_config(mil_cfg, model=MilConfig), progress=bar)
-    case_bundle = Path(metrics["bundle"])
+    metrics = run_mil(load_config(config, model=MilConfig), progress=progress)
+    bundle = Path(metrics["bundle"])
+    return metrics, bundle.replace(out.parent / "bundles" / bundle.name)
+
+
+def _score_heldout(bundle: Path, heldout: list[dict]) -> list:
+    from CLEARLib.inference import CasePredictor
+
+    predictor = CasePredictor(bundle, device="cpu")
+    return [predictor.predict(case["volume"]) for case in heldout]
+
+
+def _heldout_metrics(heldout: list[dict], results: list, seed: int = 0) -> dict:
+    from .metrics import bootstrap_ci, per_label_metrics
+
+    y = np.array([[case["truth"][label] for label in LABELS] for case in heldout])
+    prob = np.array([[result.probabilities[label] for label in LABELS] for result in results])
+    return {
+        "per_label": per_label_metrics(y, prob, "multilabel", LABELS),
+        "ci95": bootstrap_ci(y, prob, "multilabel", LABELS, 1000, seed),
+        "y": y,
+        "prob": prob,
+    }
+
+
+def _top_slice_hits(heldout: list[dict], results: list) -> list[dict]:
+    """For each held-out CT with a lesion: its most attended slice and whether it lies within one slice of a
+    slice that cuts a true lesion."""
+    rows = []
+    for case, result in zip(heldout, results, strict=True):
+        truth_slices = lesion_slices(case["volume"], case["lesions"])
+        if not truth_slices:
+            continue
+        top = int(result.top_slices(1).slice_index.iloc[0])
+        rows.append(
+            {
+                "case": case["case"],
+                "top": top,
+                "truth": truth_slices,
+                "hit": min(abs(top - k) for k in truth_slices) <= 1,
+            }
+        )
+    return rows
+
+
+def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: bool = False) -> dict:
+    import torch
+
+    from CLEARLib.inference import LesionPredictor
+
+    from .config import LesionPretrainConfig, load_config
+    from .data import prepare_ct
+    from .export import export_encoder, export_lesion_bundle
+    from .extract import extract
+    from .lesion import LesionFinetuner
+    from .pretrain import Trainer
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    out = Path(out).resolve()  # the configs written below must not depend on the working directory
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
     (out / "bundles").mkdir(exist_ok=True)
-    case_bundle = case_bundle.replace(out / "bundles" / case_bundle.name)
-    timings["mil"] = time.perf_counter() - t
+    timings = {}
 
-    # 5. The held-out CT: predictions (with the spread of the fold models) and attention.
-    log("[5/6] prediction on the held-out CT")
-    volume, lesions, labels = truth["heldout"]
-    predictor = CasePredictor(case_bundle, device="cpu")
-    result = predictor.predict(volume)
-    head = predictor.bundle.head
-    embeddings = torch.from_numpy(result.embeddings)
-    with torch.no_grad():
-        members = np.stack([torch.sigmoid(m(embeddings)[0]).numpy() for m in head.members])
-    lesion_slices = {lesion.organ: _lesion_slices(volume, lesion) for lesion in lesions}
-    top = result.top_slices(4)
+    # 1. The cohort and its tables; the held-out CTs are written apart and used by no training step.
+    log(f"[1/7] CT-like cohort: {size.cases} training CTs and {size.heldout} held-out CTs in {data}")
+    cohort = _write_cohort(data, size, log)
+    heldout = cohort["heldout"]
+    timings["cohort"] = time.perf_counter() - started
 
-    # 6. A lesion model: a short supervised training on the seeds, then the held-out lesion with stability.
-    log("[6/6] lesion model and seed stability")
+    # 2. A short LeCL pretraining of a small MambaOut on the training CTs' slices. Its initial weights are
+    #    kept as the baseline: the same architecture, the same seed, no training.
+    log("[2/7] LeCL pretraining of a small MambaOut")
+    t = time.perf_counter()
+    prepare_ct(data / "cohort.csv", data / "store", key_slices_csv=data / "key_slices.csv", size=size.matrix)
+    batch = 32
+    # The schedule is per epoch, an epoch one pass over the non-key slices (half of each batch).
+    epochs = max(1, round(size.pretrain_steps / max(cohort["n_slices"] // (batch // 2), 1)))
+    pretrain_cfg = _yaml(
+        out / "pretrain.yaml",
+        {
+            "run": _short_run("demo-encoder", out / "pretrain", epochs),
+            # Half of every batch is key slices, and their term weighs 3 (the paper's lambda range): with a
+            # hundred-odd lesions among thousands of slices, two minutes of LeCL otherwise see too few of them
+            # for lesion slices to stand out (measured: the MIL then finds neither label).
+            "data": {"store": str(data / "store"), "image_size": size.image_size, "key_slice_fraction": 0.5},
+            "model": {
+                "encoder": "mambaout_femto",
+                "encoder_kwargs": {"depths": [1, 1, 2, 1], "dims": [16, 24, 48, 64]},
+                "dim": 32,
+                "mlp_dim": 128,
+                # The demo's tiny encoder, trained for minutes, puts its attention on the lesion slices
+                # reliably only without the predictor's final BatchNorm (measured: with it, the
+                # held-out CT's most attended slice missed the lesion).
+                "predictor_last_bn": False,
+            },
+            "method": {"name": "lecl", "lam": 3.0},
+            "optim": {"lr": 0.02, "batch_size": batch, "weight_decay": 0.0},
+        },
+    )
+    trainer = Trainer(load_config(pretrain_cfg))
+    shutil.copyfile(trainer.save_checkpoint(), out / "pretrain" / "initial.pt")
+    with ProgressBar("pretrain", total=trainer.total_steps(), unit="step", quiet=quiet) as bar:
+        history = trainer.fit(progress=bar)
+    encoder_bundle = export_encoder(out / "pretrain" / "last.pt", out / "bundles" / "demo-encoder.zip")
+    baseline_encoder = export_encoder(
+        out / "pretrain" / "initial.pt", out / "bundles" / "baseline-encoder.zip", name="baseline-random-init"
+    )
+    timings["pretrain"] = time.perf_counter() - t
+
+    # 3-4. Features and ABMIL cross-validation, for LeCL's encoder and for the baseline's.
+    mil = {}
+    for step, (name, bundle) in enumerate((("demo-lesion-location", encoder_bundle), ("baseline", baseline_encoder))):
+        log(f"[{3 + step}/7] features and ABMIL cross-validation ({'LeCL' if step == 0 else 'baseline'} encoder)")
+        t = time.perf_counter()
+        features = out / f"features-{name}"
+        with ProgressBar("extract", quiet=quiet) as bar:
+            extract(bundle, data / "cohort.csv", features, device="cpu", rank=0, world_size=1, progress=bar)
+        with ProgressBar("mil", quiet=quiet) as bar:
+            mil[name] = _mil(name, out / f"mil-{name}", features, data / "clinical.csv", bundle, size, bar)
+        timings[name] = time.perf_counter() - t
+    (metrics, case_bundle), (baseline_metrics, baseline_bundle) = mil["demo-lesion-location"], mil["baseline"]
+
+    # 5. The held-out CTs through the exported bundles, as `clear-ct predict` runs them.
+    log(f"[5/7] predictions on the {len(heldout)} held-out CTs")
+    t = time.perf_counter()
+    results = _score_heldout(case_bundle, heldout)
+    baseline_results = _score_heldout(baseline_bundle, heldout)
+    scores, baseline_scores = _heldout_metrics(heldout, results), _heldout_metrics(heldout, baseline_results)
+    hits = _top_slice_hits(heldout, results)
+    timings["heldout"] = time.perf_counter() - t
+
+    # 6. A lesion model: supervised training on the training lesions' seeds (which organ the lesion is in),
+    #    scored at every held-out lesion, with the seed stability of one.
+    log("[6/7] lesion model on the held-out lesions, and seed stability")
     t = time.perf_counter()
     lesion_cfg = _yaml(
         out / "lesion.yaml",
         {
             "run": _short_run("demo-lesion", out / "lesion", size.lesion_epochs),
-            "data": {
-                "seeds": str(data / "seeds.csv"),
-                "cache_dir": str(data / "lesion_cache"),
-                "negatives_per_seed": 1,
-            },
+            "data": {"seeds": str(data / "seeds.csv"), "cache_dir": str(data / "lesion_cache")},
             "model": {
                 "encoder_kwargs": {"layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 16, 32], "widen_factor": 1.0}
             },
@@ -247,110 +303,105 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     with ProgressBar("lesion-finetune", total=finetuner.total_steps(), unit="step", quiet=quiet) as bar:
         finetuner.fit(progress=bar)
     lesion_bundle = export_lesion_bundle(out / "lesion" / "last.pt", out / "bundles" / "demo-lesion.zip")
-    lesion_result = None
-    if lesions:
-        lesion_result = LesionPredictor(lesion_bundle, device="cpu").predict(
-            volume, lesions[0].center_lps, stability=size.stability
-        )
+    lesion_predictor = LesionPredictor(lesion_bundle, device="cpu")
+    lesion_rows, stability = [], None
+    for case in heldout:
+        for lesion in case["lesions"]:
+            if stability is None:
+                stability = lesion_predictor.predict(case["volume"], lesion.center_lps, stability=size.stability)
+                stability_case = case["case"]
+                probs = stability.probabilities
+            else:
+                probs = lesion_predictor.predict(case["volume"], lesion.center_lps).probabilities
+            predicted = max(probs, key=probs.get)
+            lesion_rows.append(
+                {
+                    "case": case["case"],
+                    "organ": lesion.organ,
+                    "lps_mm": [round(float(v), 1) for v in lesion.center_lps],
+                    "radius_mm": round(lesion.radius_mm, 1),
+                    "hu": lesion.hu,
+                    "predicted": predicted,
+                    "probability": probs[predicted],
+                }
+            )
     timings["lesion"] = time.perf_counter() - t
 
-    report = _report(
-        out, result, members, labels, lesion_slices, top, volume, metrics, lesion_result, lesions, history, timings
-    )
+    log("[7/7] report")
+    t = time.perf_counter()
+    wall_s = time.perf_counter() - started  # the report's rendering is timed on its own, below
+    lesion_accuracy = float(np.mean([row["predicted"] == row["organ"] for row in lesion_rows])) if lesion_rows else None
     summary = {
-        "report": str(report),
+        "heldout": {
+            "auroc": {label: scores["per_label"][label]["auroc"] for label in LABELS},
+            "f1": {label: scores["per_label"][label]["f1"] for label in LABELS},
+            "n": len(heldout),
+            "positives": {label: int(scores["y"][:, j].sum()) for j, label in enumerate(LABELS)},
+            "auroc_ci95": {label: scores["ci95"][label]["auroc"] for label in LABELS},
+        },
+        "attention": {
+            "top_slice_hit_rate": float(np.mean([h["hit"] for h in hits])) if hits else None,
+            "cases": len(hits),
+        },
+        "baseline": {
+            "encoder": "the same MambaOut, randomly initialised (LeCL's starting weights), same MIL",
+            "heldout_auroc": {label: baseline_scores["per_label"][label]["auroc"] for label in LABELS},
+            "heldout_f1": {label: baseline_scores["per_label"][label]["f1"] for label in LABELS},
+        },
+        "lesion": {"heldout_accuracy": lesion_accuracy, "n": len(lesion_rows)},
+        "cv": {
+            "lecl": {k: metrics.get(k) for k in ("ensemble_test", "ensemble_test_ci95", "across_folds")},
+            "baseline": {k: baseline_metrics.get(k) for k in ("ensemble_test", "ensemble_test_ci95", "across_folds")},
+        },
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "wall_s": None,
+        "report": str(out / "report" / "index.html"),
         "case_bundle": str(case_bundle),
+        "baseline_bundle": str(baseline_bundle),
         "encoder_bundle": str(encoder_bundle),
         "lesion_bundle": str(lesion_bundle),
-        "heldout_truth": labels,
-        "heldout_probabilities": result.probabilities,
-        "heldout_lesion_slices": lesion_slices,
-        "heldout_top_slices": [int(s) for s in top.slice_index],
-        "heldout_lesions_lps": [[float(v) for v in lesion.center_lps] for lesion in lesions],
-        "seconds": round(time.perf_counter() - started, 1),
+        "heldout_cases": [
+            {
+                "case": case["case"],
+                "path": str(case["path"]),
+                "truth": case["truth"],
+                "probabilities": result.probabilities,
+                "baseline_probabilities": base.probabilities,
+                "lesion_slices": lesion_slices(case["volume"], case["lesions"]),
+                "top_slice": int(result.top_slices(1).slice_index.iloc[0]),
+                "lesions_lps": [[round(float(v), 2) for v in lesion.center_lps] for lesion in case["lesions"]],
+            }
+            for case, result, base in zip(heldout, results, baseline_results, strict=True)
+        ],
+        "lesions": lesion_rows,
     }
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    report = _report(
+        out, size, cohort, heldout, results, scores, baseline_scores, hits, metrics, baseline_metrics,
+        lesion_rows, stability, stability_case if stability else None, history, timings,
+    )  # fmt: skip
+    timings["report"] = time.perf_counter() - t
+    summary["timings_s"]["report"] = round(timings["report"], 1)
+    summary["wall_s"] = round(wall_s + timings["report"], 1)
+    summary["report"] = str(report)
+    write_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
     return summary
 
 
-def _img(name: str) -> str:
-    return f'<img src="{html.escape(name)}" style="max-width:100%">'
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
 
 
-def _report(
-    out, result, members, labels, lesion_slices, top, volume, metrics, lesion_result, lesions, history, timings
-) -> Path:
-    figures = out / "report"
-    z = volume.slice_positions_mm
-    marks = [float(z[k]) for slices in lesion_slices.values() for k in slices]
-    write_atomic(figures / "attention.png", attention_plot_png(result.attention, "held-out CT: attention", marks))
-    windows = resolve_windows(["abdomen", "lung"])
-    write_atomic(figures / "top_slices.png", top_slices_png(volume, result.attention, windows, k=len(top)))
-    slice_view = ""
-    if importlib.util.find_spec("slicer") is not None:  # slicer-core: Slicer's own slice pipeline
-        from CLEARLib.render import render_case_view
-
-        seed = lesions[0].center_lps if lesions else None
-        render_case_view(volume, result, figures / "slice_view.png", windows[0], seed_lps=seed)
-        slice_view = (
-            "<p>Slicer's Red slice view at the most attended slice (rendered offscreen by Slicer's slice pipeline "
-            "from slicer-core): the CT under the attention heat overlay, with the lesion seed and its 50 mm patch "
-            "where they cross the slice.</p>" + _img("slice_view.png")
-        )
-    for name in ("roc.png", "pr.png"):
-        if (out / "mil" / name).exists():
-            write_atomic(figures / name, (out / "mil" / name).read_bytes())
-    rows = "".join(
-        f"<tr><td>{label}</td><td>{labels[label]}</td><td>{result.probabilities[label]:.3f}</td>"
-        f"<td>{members[:, j].min():.3f} - {members[:, j].max():.3f}</td></tr>"
-        for j, label in enumerate(result.labels)
-    )
-    test = metrics.get("ensemble_test", {})
-    ci = metrics.get("ensemble_test_ci95", {})
-    cv_rows = "".join(
-        f"<tr><td>{label}</td><td>{_fmt(test.get(label, {}).get('auroc'))}</td>"
-        f"<td>{_fmt_ci(ci.get(label, {}).get('auroc'))}</td><td>{_fmt(test.get(label, {}).get('auprc'))}</td>"
-        f"<td>{_fmt(metrics.get('across_folds', {}).get(label, {}).get('auroc_mean'))}</td></tr>"
-        for label in labels
-    )
-    lesion_html = "<p>The held-out CT has no lesion.</p>"
-    if lesion_result is not None:
-        stab = lesion_result.stability
-        lesion_html = (
-            f"<p>Seed at the {lesions[0].organ} lesion, LPS {np.round(lesion_result.seed_lps, 1).tolist()} mm.</p>"
-            "<table><tr><th>class</th><th>probability</th><th>stability mean &plusmn; sd over "
-            f"{stab['n']} seeds (sd {stab['sd_mm']:.0f} mm)</th></tr>"
-            + "".join(
-                f"<tr><td>{k}</td><td>{v:.3f}</td><td>{stab['mean'][k]:.3f} &plusmn; {stab['std'][k]:.3f}</td></tr>"
-                for k, v in lesion_result.probabilities.items()
-            )
-            + "</table>"
-        )
-    loss = [r["loss"] for r in history]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>CLEAR demo report</title>
-<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px}}h2{{border-bottom:1px solid #ddd}}</style></head><body>
-<h1>CLEAR demo</h1>
-<p>A synthetic cohort with lesions in known organs, run through the real pipeline with a small encoder:
-LeCL pretraining ({len(loss)} steps, loss {loss[0]:.3f} &rarr; {loss[-1]:.3f}), feature extraction, ABMIL
-cross-validation, a case bundle, and a prediction on a CT the models never saw.</p>
-<h2>Held-out CT: predictions</h2>
-<table><tr><th>label</th><th>truth</th><th>probability (ensemble)</th>
-<th>range over the fold models</th></tr>{rows}</table>
-<h2>Where the model looked</h2>
-<p>Attention per window against slice position; dotted lines mark the true lesion slices
-({html.escape(json.dumps(lesion_slices))}).</p>{_img("attention.png")}
-<p>The most attended slices:</p>{_img("top_slices.png")}
-{slice_view}
-<h2>Cross-validation</h2>
-<table><tr><th>label</th><th>test AUROC (ensemble)</th><th>95% CI (bootstrap)</th><th>test AUPRC</th>
-<th>mean AUROC of the folds</th></tr>{cv_rows}</table>
-{_img("roc.png")}{_img("pr.png")}
-<h2>Lesion model</h2>{lesion_html}
-<h2>Time</h2><p>{html.escape(", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))}</p>
-<p>Bundles in <code>bundles/</code> load in the Slicer module and in <code>clear-ct predict</code> /
-<code>clear-ct lesion</code>.</p></body></html>"""
-    return write_atomic(figures / "index.html", page)
+# ------------------------------------------------------------------------------------------------ report
+def _img(name: str, width: str = "100%") -> str:
+    return f'<img src="{html.escape(name)}" style="max-width:{width}">'
 
 
 def _fmt(value) -> str:
@@ -358,7 +409,223 @@ def _fmt(value) -> str:
 
 
 def _fmt_ci(value) -> str:
-    return "n/a" if not value else f"{value[0]:.3f} - {value[1]:.3f}"
+    return "n/a" if not value else f"{value[0]:.2f} - {value[1]:.2f}"
 
 
-__all__ = ["SMALL", "DemoSize", "run_demo"]
+def _cohort_png(heldout: list[dict]) -> bytes:
+    """Held-out CTs at a lesion slice under both windows, the lesion circled: what the phantoms look like."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
+    shown = [case for case in heldout if case["lesions"]][:4]
+    fig = Figure(figsize=(2.2 * len(shown), 4.6), dpi=100)
+    for col, case in enumerate(shown):
+        volume, lesion = case["volume"], case["lesions"][0]
+        k, j, i = volume.lps_to_index(lesion.center_lps)
+        for row, (low, high) in enumerate(((-160, 240), (-1350, 150))):
+            ax = fig.add_subplot(2, len(shown), row * len(shown) + col + 1)
+            ax.imshow(volume.hu[int(round(k))], cmap="gray", vmin=low, vmax=high)
+            ax.add_patch(Circle((i, j), lesion.radius_mm / volume.spacing[0] + 3, fill=False, color="red", lw=1))
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(f"{case['case']}: {lesion.organ}, r {lesion.radius_mm:.0f} mm", fontsize=7)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _reliability_png(scores: dict, baseline_scores: dict, bins: int = 5) -> bytes:
+    """Observed frequency against mean predicted probability in equal-width bins, per label and model."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.6), dpi=100)
+    edges = np.linspace(0, 1, bins + 1)
+    for j, label in enumerate(LABELS):
+        ax = fig.add_subplot(1, len(LABELS), j + 1)
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", label="perfect calibration")
+        for name, result in (("LeCL", scores), ("baseline", baseline_scores)):
+            prob, y = result["prob"][:, j], result["y"][:, j]
+            which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
+            used = [b for b in range(bins) if (which == b).any()]
+            ax.plot([prob[which == b].mean() for b in used], [y[which == b].mean() for b in used], marker="o",
+                    label=name)  # fmt: skip
+            for b in used:
+                ax.annotate(str(int((which == b).sum())), (prob[which == b].mean(), y[which == b].mean()),
+                            textcoords="offset points", xytext=(4, -8), fontsize=6)  # fmt: skip
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("fraction positive")
+        ax.set_title(f"{label} (held-out; numbers: CTs per bin)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _split_rows(out: Path, name: str, clinical: pd.DataFrame, heldout_y: np.ndarray) -> str:
+    splits = pd.read_csv(out / f"mil-{name}" / "splits.csv")
+    table = splits.merge(clinical, on="case_id") if "case_id" in splits else clinical.assign(split=splits.split)
+    rows = [
+        f"<tr><td>{html.escape(split)}</td><td>{len(part)}</td>"
+        + "".join(f"<td>{int(part[label].sum())}</td>" for label in LABELS)
+        + "</tr>"
+        for split, part in table.groupby("split")
+    ]
+    rows.append(
+        f"<tr><td>held-out CTs</td><td>{len(heldout_y)}</td>"
+        + "".join(f"<td>{int(heldout_y[:, j].sum())}</td>" for j in range(len(LABELS)))
+        + "</tr>"
+    )
+    return "".join(rows)
+
+
+def _report(
+    out, size, cohort, heldout, results, scores, baseline_scores, hits, metrics, baseline_metrics,
+    lesion_rows, stability, stability_case, history, timings,
+) -> Path:  # fmt: skip
+    figures = out / "report"
+    readme = Path(__file__).resolve().parents[2] / "README.md"  # the checkout's README, when there is one
+    link = (readme.as_uri() + "#") if readme.exists() else "#"
+    day_one = "day-one-what-works-before-you-train-anything"
+    cohorts = "from-a-cohort-table-to-a-validated-model-extraction-abmil-probes-statistics"
+    windows = resolve_windows(["abdomen", "lung"])
+    write_atomic(figures / "cohort.png", _cohort_png(heldout))
+    write_atomic(figures / "reliability.png", _reliability_png(scores, baseline_scores))
+    for name in ("roc.png", "pr.png"):
+        if (out / "mil-demo-lesion-location" / name).exists():
+            write_atomic(figures / name, (out / "mil-demo-lesion-location" / name).read_bytes())
+    render = importlib.util.find_spec("slicer") is not None  # slicer-core: Slicer's own slice pipeline
+    if render:
+        from CLEARLib.render import render_case_view
+
+    hit_of = {h["case"]: h for h in hits}
+    case_rows, positives = [], []
+    for case, result, base_prob in zip(heldout, results, baseline_scores["prob"], strict=True):
+        name = case["case"]
+        hit = hit_of.get(name)
+        cells = "".join(
+            f"<td>{case['truth'][label]}</td><td><b>{result.probabilities[label]:.2f}</b></td><td>{base_prob[j]:.2f}</td>"
+            for j, label in enumerate(LABELS)
+        )
+        where = "-" if hit is None else f"{hit['top']} ({'on a lesion' if hit['hit'] else 'missed'})"
+        case_rows.append(f"<tr><td>{name}</td>{cells}<td>{where}</td></tr>")
+        if hit is None:
+            continue
+        z = case["volume"].slice_positions_mm
+        marks = [float(z[k]) for k in hit["truth"]]
+        title = f"{name}: " + ", ".join(f"{les.organ} r {les.radius_mm:.0f} mm" for les in case["lesions"])
+        write_atomic(figures / f"attention-{name}.png", attention_plot_png(result.attention, title, marks))
+        view = ""
+        if render:
+            render_case_view(case["volume"], result, figures / f"slice_view-{name}.png", windows[0], size=320)
+            view = _img(f"slice_view-{name}.png", "32%")
+        positives.append(f"<div>{_img(f'attention-{name}.png', '66%')}{view}</div>")
+
+    def metric_rows(result, ci_key="ci95"):
+        return "".join(
+            f"<td>{_fmt(result['per_label'][label]['auroc'])} ({_fmt_ci(result[ci_key][label]['auroc'])})</td>"
+            f"<td>{_fmt(result['per_label'][label]['f1'])}</td>"
+            for label in LABELS
+        )
+
+    def cv_rows(m):
+        test, ci, folds = m.get("ensemble_test", {}), m.get("ensemble_test_ci95", {}), m.get("across_folds", {})
+        return "".join(
+            f"<td>{_fmt(test.get(label, {}).get('auroc'))} ({_fmt_ci(ci.get(label, {}).get('auroc'))})</td>"
+            f"<td>{_fmt(test.get(label, {}).get('f1'))}</td><td>{_fmt(folds.get(label, {}).get('auroc_mean'))}</td>"
+            for label in LABELS
+        )
+
+    hit_rate = np.mean([h["hit"] for h in hits]) if hits else float("nan")
+    render_note = (
+        ", and Slicer's Red slice view at the most attended slice (rendered offscreen by Slicer's slice pipeline "
+        "from slicer-core) with the attention heat overlay"
+    )
+    lesion_html = "<p>No held-out lesion.</p>"
+    if lesion_rows:
+        correct = sum(row["predicted"] == row["organ"] for row in lesion_rows)
+        lesion_html = (
+            f"<p>A 3D ResNet (FMCIB layout, reduced width) fine-tuned for {size.lesion_epochs} epochs on the "
+            f"{cohort['n_lesions']} training lesions' seeds to tell a liver lesion from a lung nodule, then given a "
+            f"seed at every held-out lesion: <b>{correct} of {len(lesion_rows)} right</b>.</p>"
+            "<table><tr><th>CT</th><th>truth</th><th>LPS (mm)</th><th>radius (mm)</th><th>HU</th><th>predicted</th>"
+            "<th>probability</th></tr>"
+            + "".join(
+                f"<tr><td>{r['case']}</td><td>{r['organ']}</td><td>{r['lps_mm']}</td><td>{r['radius_mm']}</td>"
+                f"<td>{r['hu']}</td><td>{r['predicted']}</td><td>{r['probability']:.3f}</td></tr>"
+                for r in lesion_rows
+            )
+            + "</table>"
+        )
+        if stability is not None:
+            write_atomic(figures / "stability.png", stability_plot_png(stability, f"seed stability, {stability_case}"))
+            lesion_html += (
+                f"<p>Seed stability at the first held-out lesion ({stability_case}): the seed moved "
+                f"{stability.stability['n']} times (sd {stability.stability['sd_mm']:.0f} mm per axis), features' "
+                f"cosine similarity to the clicked seed's {stability.stability['feature_cosine_mean']:.3f} on average."
+                f"</p>{_img('stability.png', '70%')}"
+            )
+    loss = [r["loss"] for r in history]
+    label_heads = "".join(f"<th colspan=3>{label}</th>" for label in LABELS)
+    sub_heads = "<th>truth</th><th>LeCL</th><th>baseline</th>" * len(LABELS)
+    metric_heads = "".join(f"<th>{label} AUROC (95% CI)</th><th>{label} F1 at 0.5</th>" for label in LABELS)
+    cv_heads = "".join(
+        f"<th>{label} test AUROC (95% CI)</th><th>{label} F1</th><th>{label} mean fold AUROC</th>" for label in LABELS
+    )
+    split_heads = "".join(f"<th>{label} positives</th>" for label in LABELS)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>CLEAR demo report</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:90%}}h2{{border-bottom:1px solid #ddd}}</style></head><body>
+<h1>CLEAR demo</h1>
+<p>{size.cases} synthetic chest-abdomen CTs for training and {len(heldout)} held out, drawn from seeds: bodies,
+organs, contrast phase (non-contrast or portal venous), field of view, slice thickness (2.5, 3 or 5 mm) and noise
+vary; every CT has lung and liver vessels and some have calcifications (distractors); liver lesions (mostly
+hypodense, 8-18 mm radius) and lung nodules (6-13 mm) sit at drawn positions inside their organ. The task: does the
+CT have a liver lesion, a lung nodule? The pipeline is the real one with a small encoder: LeCL pretraining
+({len(loss)} steps, loss {loss[0]:.2f} &rarr; {loss[-1]:.2f}), feature extraction, ABMIL cross-validation, a
+fold-ensemble case bundle. The held-out CTs were used by no step of training; they are scored by the exported
+bundle, as <code>clear-ct predict</code> scores a CT.</p>
+{_img("cohort.png")}
+<h2>Held-out CTs</h2>
+<p>Probabilities of the LeCL model and of the <b>baseline</b>: the same ABMIL trained the same way on features
+of the same MambaOut before any training (LeCL's initial weights).</p>
+<table><tr><th rowspan=2>CT</th>{label_heads}<th rowspan=2>most attended slice</th></tr><tr>{sub_heads}</tr>
+{"".join(case_rows)}</table>
+<table style="margin-top:1em"><tr><th>model</th>{metric_heads}</tr>
+<tr><td>LeCL</td>{metric_rows(scores)}</tr><tr><td>baseline</td>{metric_rows(baseline_scores)}</tr></table>
+<p>{len(heldout)} held-out CTs; AUROC 95% intervals by bootstrap over CTs (1,000 draws).</p>
+{_img("reliability.png")}
+<h2>Where the model looked</h2>
+<p>The most attended slice lies within one slice of a true lesion slice in <b>{sum(h["hit"] for h in hits)} of
+{len(hits)}</b> held-out CTs with a lesion ({_fmt(hit_rate)}). For each: attention per window against slice
+position, dotted lines at the slices that cut a lesion{render_note if render else ""}.</p>
+{"".join(positives)}
+<h2>Cross-validation on the training CTs</h2>
+<table><tr><th>split</th><th>CTs</th>{split_heads}</tr>
+{_split_rows(out, "demo-lesion-location", cohort["clinical"], scores["y"])}</table>
+<p>Internal test split: the fold ensemble; intervals by bootstrap (200 draws).</p>
+<table><tr><th>model</th>{cv_heads}</tr><tr><td>LeCL</td>{cv_rows(metrics)}</tr>
+<tr><td>baseline</td>{cv_rows(baseline_metrics)}</tr></table>
+{_img("roc.png", "48%")}{_img("pr.png", "48%")}
+<h2>Lesion model</h2>{lesion_html}
+<h2>Time</h2><p>{html.escape(", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))} (report excluded)</p>
+<h2>What next</h2>
+<ol>
+<li><b>Open the bundles in Slicer</b>: install CLEAR (README, <a href="{link}the-slicer-extension">The Slicer
+extension</a>), load <code>{html.escape(str(heldout[0]["path"]))}</code> (drag it onto Slicer), open the CLEAR
+module, in <i>Case prediction</i> set <i>Local bundle</i> to
+<code>{html.escape(str(out / "bundles" / "demo-lesion-location.zip"))}</code> and press <i>Run</i>: the probabilities
+appear under <i>Predictions</i>, the attention curve beside the slice views (click it to jump to a slice). For a
+lesion: in <i>Lesion</i> set <i>Lesion bundle</i> to <code>bundles/demo-lesion.zip</code>, place the seed on a lesion
+with <i>Place</i> and press <i>Run lesion model</i>.</li>
+<li><b>Your own CT</b>: <code>clear-ct predict --model {html.escape(str(out / "bundles" / "demo-lesion-location.zip"))}
+--input YOUR_CT --out result/</code> (README: <a href="{link}command-line">Command line</a>); with the
+published models, <code>clear-ct fetch --list</code> (<a href="{link}{day_one}">Day one</a>).</li>
+<li><b>Your own cohort</b>: prepare a cohort table, pretrain, extract and train ABMIL as this demo did (README:
+<a href="{link}{cohorts}">From a cohort table to a validated model</a>); the configs this run used are in
+<code>{html.escape(str(out))}</code>.</li>
+</ol></body></html>"""
+    return write_atomic(figures / "index.html", page)
+
+
+__all__ = ["SMALL", "DemoSize", "lesion_slices", "run_demo"]

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import torch
 
+from CLEARLib.errors import CLEARInputError
 from CLEARLib.models import encoder_entry
 from CLEARLib.preprocess import resolve_windows
 
@@ -16,7 +17,7 @@ from .data.store import SliceStore
 from .losses import SliceContrastiveLoss
 from .models import MoCo
 from .optim import momentum
-from .trainer import DistributedTrainer
+from .trainer import DistributedTrainer, epoch_order
 from .views import SlicePyramid, ViewConfig, lesion_boxes, make_views, random_resized_boxes
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,32 @@ class Trainer(DistributedTrainer):
 
     def prepare_data(self) -> int:
         self.store = SliceStore(self.config.data.store)
-        return len(self.store)
+        fraction, batch = self.config.data.key_slice_fraction, self.config.optim.batch_size
+        if fraction is None:
+            return len(self.store)
+        self.key_rows, self.other_rows = np.flatnonzero(self.store.is_key), np.flatnonzero(~self.store.is_key)
+        self.keys_per_batch = int(round(fraction * batch))
+        if not self.key_rows.size or not 1 <= self.keys_per_batch < batch:
+            raise CLEARInputError(
+                f"data.key_slice_fraction {fraction} needs key slices in the store ({self.key_rows.size}) and puts "
+                f"{self.keys_per_batch} of them in a batch of {batch}; it must be at least 1 and less than the batch",
+                self.config.data.store,
+            )
+        # An epoch is one pass over the other slices; the key slices come round again as often as they must.
+        return len(self.other_rows) // (batch - self.keys_per_batch) * batch
+
+    def rows_for(self, epoch: int, step: int) -> np.ndarray:
+        if self.config.data.key_slice_fraction is None:
+            return super().rows_for(epoch, step)
+        seed, batch, n_key = self.config.run.seed, self.config.optim.batch_size, self.keys_per_batch
+        keys = self.key_rows[epoch_order(len(self.key_rows), seed, epoch)]
+        others = self.other_rows[epoch_order(len(self.other_rows), seed + 1, epoch)]
+        start = step * (batch - n_key)
+        rows = np.concatenate(
+            [keys[(step * n_key + np.arange(n_key)) % len(keys)], others[start : start + batch - n_key]]
+        )
+        rows = rows[np.random.default_rng([seed, epoch, step]).permutation(batch)]  # every rank gets its share of both
+        return rows[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch]
 
     def build_model(self) -> MoCo:
         model_cfg = self.config.model

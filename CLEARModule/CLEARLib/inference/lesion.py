@@ -43,7 +43,7 @@ class LesionResult:
     seed_lps: np.ndarray
     features: np.ndarray  # [feature_dim]
     probabilities: dict[str, float]  # empty for feature-only bundles
-    stability: dict | None = None  # n, sd_mm, mean, std per label, and the drawn seeds
+    stability: dict | None = None  # n, sd_mm, mean, std per label, the drawn seeds and their probabilities
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -54,7 +54,8 @@ class LesionResult:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
         if self.stability is not None:
-            out["stability"] = {k: v for k, v in self.stability.items() if k not in ("seeds_lps", "feature_cv")}
+            arrays = ("seeds_lps", "feature_cv", "drawn_probabilities")
+            out["stability"] = {k: v for k, v in self.stability.items() if k not in arrays}
         return out
 
 
@@ -148,6 +149,7 @@ class LesionPredictor:
                 drawn = probs[1:]
                 result.stability["mean"] = {lab: float(v) for lab, v in zip(labels, drawn.mean(0), strict=True)}
                 result.stability["std"] = {lab: float(v) for lab, v in zip(labels, drawn.std(0), strict=True)}
+                result.stability["drawn_probabilities"] = drawn
         result.timings = timer.seconds
         return result
 
