@@ -41,7 +41,7 @@ class DemoSize:
     heldout: int = 16
     matrix: int = 96
     image_size: int = 64
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 2000
     mil_epochs: int = 200
     mil_lr: float = 1e-3
     folds: int = 4
@@ -249,7 +249,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
                 "predictor_last_bn": False,
             },
             "method": {"name": "lecl", "lam": 3.0},
-            "optim": {"lr": 0.02, "batch_size": batch, "weight_decay": 0.0},
+            "optim": {"lr": 0.04, "batch_size": batch, "weight_decay": 0.0},
         },
     )
     trainer = Trainer(load_config(pretrain_cfg))
