@@ -235,7 +235,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
         {
             "run": _short_run("demo-encoder", out / "pretrain", epochs),
             # Half of every batch is key slices, and their term weighs 3 (the paper's lambda range): with a
-            # hundred-odd lesions among thousands of slices, two minutes of LeCL otherwise see too few of them
+            # hundred-odd lesions among thousands of slices, three minutes of LeCL otherwise see too few of them
             # for lesion slices to stand out (measured: the MIL then finds neither label).
             "data": {"store": str(data / "store"), "image_size": size.image_size, "key_slice_fraction": 0.5},
             "model": {
