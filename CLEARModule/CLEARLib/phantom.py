@@ -17,6 +17,10 @@ SOFT_TISSUE_HU = 40
 LUNG_HU = -850
 LIVER_HU = 60
 BONE_HU = 700
+# make_ct_like_case's findings: radius ranges (mm), and how many per organ with a finding
+LIVER_LESION_RADIUS_MM = (20.0, 35.0)
+LUNG_NODULE_RADIUS_MM = (15.0, 25.0)
+LESIONS_PER_ORGAN = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -274,13 +278,13 @@ def make_ct_like_case(
         spheres.append((np.array(centre), rng.uniform(1.5, 2.5), rng.uniform(500, 900)))
     lesions_anat = []
     for organ in lesion_organs:
-        for _ in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
+        for _ in range(int(rng.choice(LESIONS_PER_ORGAN, p=[0.4, 0.35, 0.25]))):
             if organ == "liver":
-                r = rng.uniform(20, 35)
+                r = rng.uniform(*LIVER_LESION_RADIUS_MM)
                 delta = -rng.uniform(60, 100) if rng.random() < 0.8 else rng.uniform(70, 110)
                 hu_value, shape, margin = liver_hu + delta, liver, r + 3
             elif organ == "lung":
-                r = rng.uniform(15, 25)
+                r = rng.uniform(*LUNG_NODULE_RADIUS_MM)
                 hu_value, shape, margin = rng.uniform(-60, 50), lungs[int(rng.integers(2))], r + 2
             else:
                 raise ValueError(f"no lesions in {organ!r}; use 'liver' or 'lung'")

@@ -26,7 +26,7 @@ import yaml
 from CLEARLib.files import write_atomic
 from CLEARLib.io import write_volume
 from CLEARLib.outputs import attention_plot_png, figure_png, stability_plot_png
-from CLEARLib.phantom import make_ct_like_case
+from CLEARLib.phantom import LESIONS_PER_ORGAN, LIVER_LESION_RADIUS_MM, LUNG_NODULE_RADIUS_MM, make_ct_like_case
 from CLEARLib.preprocess import resolve_windows
 from CLEARLib.progress import ProgressBar
 
@@ -537,6 +537,11 @@ def _report(
         )
 
     hit_rate = np.mean([h["hit"] for h in hits]) if hits else float("nan")
+    lesions_note = (
+        f"{LESIONS_PER_ORGAN[0]}-{LESIONS_PER_ORGAN[-1]} liver lesions (mostly hypodense, "
+        f"{LIVER_LESION_RADIUS_MM[0]:.0f}-{LIVER_LESION_RADIUS_MM[1]:.0f} mm radius) or lung nodules "
+        f"({LUNG_NODULE_RADIUS_MM[0]:.0f}-{LUNG_NODULE_RADIUS_MM[1]:.0f} mm) per organ with a finding"
+    )
     render_note = (
         ", and Slicer's Red slice view at the most attended slice (rendered offscreen by Slicer's slice pipeline "
         "from slicer-core) with the attention heat overlay"
@@ -579,8 +584,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:90%}}h2{{border-bottom:1p
 <h1>CLEAR demo</h1>
 <p>{size.cases} synthetic chest-abdomen CTs for training and {len(heldout)} held out, drawn from seeds: bodies,
 organs, contrast phase (non-contrast or portal venous), field of view, slice thickness (2.5, 3 or 5 mm) and noise
-vary; every CT has lung and liver vessels and some have calcifications (distractors); liver lesions (mostly
-hypodense, 8-18 mm radius) and lung nodules (6-13 mm) sit at drawn positions inside their organ. The task: does the
+vary; every CT has lung and liver vessels and some have calcifications (distractors); {lesions_note} at drawn
+positions inside their organ. The task: does the
 CT have a liver lesion, a lung nodule? The pipeline is the real one with a small encoder: LeCL pretraining
 ({len(loss)} steps, loss {loss[0]:.2f} &rarr; {loss[-1]:.2f}), feature extraction, ABMIL cross-validation, a
 fold-ensemble case bundle. The held-out CTs were used by no step of training; they are scored by the exported
