@@ -114,6 +114,21 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return Path(path)
 
 
+def jsonable(value):
+    """`value` with numpy scalars as Python numbers and NaN as None (null: JSON has no NaN), recursively."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
 def write_json(path, payload: dict) -> Path:
     return write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 

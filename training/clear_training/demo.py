@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import importlib.util
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from CLEARLib.files import write_atomic
+from CLEARLib.files import jsonable, write_atomic, write_json
 from CLEARLib.io import write_volume
 from CLEARLib.outputs import attention_plot_png, figure_png, stability_plot_png
 from CLEARLib.phantom import LESIONS_PER_ORGAN, LIVER_LESION_RADIUS_MM, LUNG_NODULE_RADIUS_MM, make_ct_like_case
@@ -78,7 +77,7 @@ def _short_run(name: str, out_dir: Path, epochs: int) -> dict:
     return {"name": name, "out_dir": str(out_dir), "epochs": epochs, "warmup_epochs": 0, "log_every_steps": 5}
 
 
-def _write_cohort(data: Path, size: DemoSize, log) -> dict:
+def _write_cohort(data: Path, size: DemoSize) -> dict:
     """The CTs, the training tables (cohort, labels, key slices for LeCL, lesion seeds) and the held-out truth."""
     rng = np.random.default_rng(0)
     cohort, clinical, keys, seeds, heldout = [], [], [], [], []
@@ -218,7 +217,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
 
     # 1. The cohort and its tables; the held-out CTs are written apart and used by no training step.
     log(f"[1/7] CT-like cohort: {size.cases} training CTs and {size.heldout} held-out CTs in {data}")
-    cohort = _write_cohort(data, size, log)
+    cohort = _write_cohort(data, size)
     heldout = cohort["heldout"]
     timings["cohort"] = time.perf_counter() - started
 
@@ -383,20 +382,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     summary["timings_s"]["report"] = round(timings["report"], 1)
     summary["wall_s"] = round(wall_s + timings["report"], 1)
     summary["report"] = str(report)
-    write_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
+    write_json(out / "summary.json", jsonable(summary))
     return summary
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value
 
 
 # ------------------------------------------------------------------------------------------------ report

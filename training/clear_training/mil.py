@@ -20,6 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from CLEARLib.errors import CLEARInputError
 from CLEARLib.files import (
     check_output_folder,
+    jsonable,
     remove_stale_temporaries,
     staged_outputs,
     write_atomic,
@@ -377,7 +378,7 @@ def run_mil(config: MilConfig, bags: Bags | None = None, progress=None) -> dict:
     with staged_outputs(config.run.out_dir) as stage:
         metrics = _run_mil(config, bags, device, stage, encoder_bundle, progress)
         metrics["seconds"] = time.perf_counter() - started
-        write_json(stage / "metrics.json", _jsonable(metrics))
+        write_json(stage / "metrics.json", jsonable(metrics))
     if encoder_bundle is not None:
         metrics["bundle"] = str(Path(config.run.out_dir) / _bundle_name(config))
     return metrics
@@ -524,18 +525,6 @@ def _write_attention(bags: Bags, index, prob, attention, config: MilConfig, out:
             write_atomic(plots / f"{label}_{case}.png", png)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def export_ensemble(ensemble: ABMILEnsemble, bags: Bags, config: MilConfig, metrics: dict, encoder_bundle, path):
     """The fold ensemble on top of the encoder the features came from, as a case bundle."""
     from CLEARLib.bundle import save_bundle
@@ -554,6 +543,6 @@ def export_ensemble(ensemble: ABMILEnsemble, bags: Bags, config: MilConfig, metr
         windows=windows,
         input_spec=encoder_bundle.input_spec,
         description=f"ABMIL ensemble of {len(ensemble.members)} folds on {encoder_bundle.manifest.name}",
-        metrics=_jsonable(summary),
+        metrics=jsonable(summary),
         provenance={"mil_config": json.loads(config.model_dump_json()), "n_cases": len(bags)},
     )
