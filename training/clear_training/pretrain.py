@@ -102,9 +102,9 @@ class Trainer(DistributedTrainer):
         # An epoch is one pass over the other slices; the key slices come round again as often as they must.
         return len(self.other_rows) // (batch - self.keys_per_batch) * batch
 
-    def rows_for(self, epoch: int, step: int) -> np.ndarray:
+    def batch_rows(self, epoch: int, step: int) -> np.ndarray:
         if self.config.data.key_slice_fraction is None:
-            return super().rows_for(epoch, step)
+            return super().batch_rows(epoch, step)
         seed, batch, n_key = self.config.run.seed, self.config.optim.batch_size, self.keys_per_batch
         keys = self.key_rows[epoch_order(len(self.key_rows), seed, epoch)]
         others = self.other_rows[epoch_order(len(self.other_rows), seed + 1, epoch)]
@@ -112,8 +112,7 @@ class Trainer(DistributedTrainer):
         rows = np.concatenate(
             [keys[(step * n_key + np.arange(n_key)) % len(keys)], others[start : start + batch - n_key]]
         )
-        rows = rows[np.random.default_rng([seed, epoch, step]).permutation(batch)]  # every rank gets its share of both
-        return rows[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch]
+        return rows[np.random.default_rng([seed, epoch, step]).permutation(batch)]  # every rank gets its share of both
 
     def build_model(self) -> MoCo:
         model_cfg = self.config.model

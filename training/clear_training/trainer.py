@@ -386,10 +386,15 @@ class DistributedTrainer:
     def scaled_lr(self) -> float:
         return self.config.optim.lr * self.config.optim.batch_size / 256
 
+    def batch_rows(self, epoch: int, step: int) -> np.ndarray:
+        """The items of a step's global batch, every rank's share in rank order (subclasses may sample otherwise)."""
+        batch = self.config.optim.batch_size
+        return epoch_order(self.n_items, self.config.run.seed, epoch)[step * batch : (step + 1) * batch]
+
     def rows_for(self, epoch: int, step: int) -> np.ndarray:
-        order = epoch_order(self.n_items, self.config.run.seed, epoch)
-        start = step * self.config.optim.batch_size + self.dist.rank * self.local_batch
-        return order[start : start + self.local_batch]
+        """This rank's share of the step's global batch."""
+        start = self.dist.rank * self.local_batch
+        return self.batch_rows(epoch, step)[start : start + self.local_batch]
 
     def autocast(self):
         """The engine's mixed-precision policy (CLEARLib.inference.runtime.autocast), on GPUs with optim.amp."""
