@@ -38,7 +38,7 @@ def main() -> None:
     summary = json.loads((demo / "summary.json").read_text())
     # The first held-out CT with a lesion whose most attended slice is on it (else the first with a lesion).
     cases = [c for c in summary["heldout_cases"] if c["lesion_slices"]]
-    case = next((c for c in cases if min(abs(c["top_slice"] - k) for k in c["lesion_slices"]) <= 1), cases[0])
+    case = next((c for c in cases if c["top_slice_on_lesion"]), cases[0])
     volume = read_ct(case["path"])
     predictor = CasePredictor(summary["case_bundle"], device="cpu")
     result = predictor.predict(volume)

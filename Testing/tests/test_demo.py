@@ -73,6 +73,7 @@ def test_demo_end_to_end(tmp_path):
         assert (report / f"attention-{case['case']}.png").stat().st_size > 0
         assert (report / f"slice_view-{case['case']}.png").stat().st_size > 0
     hits = [min(abs(case["top_slice"] - k) for k in case["lesion_slices"]) <= 1 for case in positives]
+    assert [case["top_slice_on_lesion"] for case in positives] == hits
     assert written["attention"]["top_slice_hit_rate"] == pytest.approx(np.mean(hits))
     # The bundles load, and the report's numbers are the engine's: a held-out CT read back from its file
     # scores the same through the exported case bundle.

@@ -81,6 +81,7 @@ def _write_cohort(data: Path, size: DemoSize) -> dict:
     """The CTs, the training tables (cohort, labels, key slices for LeCL, lesion seeds) and the held-out truth."""
     rng = np.random.default_rng(0)
     cohort, clinical, keys, seeds, heldout = [], [], [], [], []
+    n_slices = 0
     for i in range(size.cases + size.heldout):
         organs = _organs(i, size, rng)
         volume, lesions = make_ct_like_case(1000 + i, organs, matrix=size.matrix)
@@ -92,9 +93,8 @@ def _write_cohort(data: Path, size: DemoSize) -> dict:
             continue
         case = f"case{i:03d}"
         path = write_volume(volume, data / f"{case}.nii.gz")
-        cohort.append(
-            {"case_id": case, "path": path.name, "patient_id": f"patient{i:03d}", "slices": volume.hu.shape[0]}
-        )
+        cohort.append({"case_id": case, "path": path.name, "patient_id": f"patient{i:03d}"})
+        n_slices += volume.hu.shape[0]
         clinical.append({"case_id": case, "patient_id": f"patient{i:03d}", **truth})
         for lesion in lesions:
             centre = volume.lps_to_index(lesion.center_lps)
@@ -115,8 +115,6 @@ def _write_cohort(data: Path, size: DemoSize) -> dict:
     pd.DataFrame(clinical).to_csv(data / "clinical.csv", index=False)
     pd.DataFrame(keys).to_csv(data / "key_slices.csv", index=False)
     pd.DataFrame(seeds).to_csv(data / "seeds.csv", index=False)
-    n_slices = sum(row["slices"] for row in cohort)
-    cohort = [{k: v for k, v in row.items() if k != "slices"} for row in cohort]
     pd.DataFrame(cohort).to_csv(data / "cohort.csv", index=False)
     return {"clinical": pd.DataFrame(clinical), "heldout": heldout, "n_lesions": len(seeds), "n_slices": n_slices}
 
@@ -175,24 +173,14 @@ def _heldout_metrics(heldout: list[dict], results: list, seed: int = 0) -> dict:
     }
 
 
-def _top_slice_hits(heldout: list[dict], results: list) -> list[dict]:
-    """For each held-out CT with a lesion: its most attended slice and whether it lies within one slice of a
-    slice that cuts a true lesion."""
-    rows = []
+def _attention_on_lesions(heldout: list[dict], results: list) -> None:
+    """Adds to each held-out case its lesion slices, its most attended slice, and whether that lies within one
+    slice of a slice that cuts a lesion (`on_lesion`; None for a CT without a lesion)."""
     for case, result in zip(heldout, results, strict=True):
-        truth_slices = lesion_slices(case["volume"], case["lesions"])
-        if not truth_slices:
-            continue
-        top = int(result.top_slices(1).slice_index.iloc[0])
-        rows.append(
-            {
-                "case": case["case"],
-                "top": top,
-                "truth": truth_slices,
-                "hit": min(abs(top - k) for k in truth_slices) <= 1,
-            }
-        )
-    return rows
+        case["lesion_slices"] = lesion_slices(case["volume"], case["lesions"])
+        case["top_slice"] = int(result.top_slices(1).slice_index.iloc[0])
+        near = [abs(case["top_slice"] - k) <= 1 for k in case["lesion_slices"]]
+        case["on_lesion"] = any(near) if near else None
 
 
 def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: bool = False) -> dict:
@@ -280,7 +268,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     results = _score_heldout(case_bundle, heldout)
     baseline_results = _score_heldout(baseline_bundle, heldout)
     scores, baseline_scores = _heldout_metrics(heldout, results), _heldout_metrics(heldout, baseline_results)
-    hits = _top_slice_hits(heldout, results)
+    _attention_on_lesions(heldout, results)
+    hits = [case["on_lesion"] for case in heldout if case["on_lesion"] is not None]
     timings["heldout"] = time.perf_counter() - t
 
     # 6. A lesion model: supervised training on the training lesions' seeds (which organ the lesion is in),
@@ -328,7 +317,11 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
 
     log("[7/7] report")
     t = time.perf_counter()
-    wall_s = time.perf_counter() - started  # the report's rendering is timed on its own, below
+    report = _report(
+        out, size, cohort, heldout, results, scores, baseline_scores, hits, metrics, baseline_metrics,
+        lesion_rows, stability, stability_case if stability else None, history, timings,
+    )  # fmt: skip
+    timings["report"] = time.perf_counter() - t
     lesion_accuracy = float(np.mean([row["predicted"] == row["organ"] for row in lesion_rows])) if lesion_rows else None
     summary = {
         "heldout": {
@@ -339,7 +332,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
             "auroc_ci95": {label: scores["ci95"][label]["auroc"] for label in LABELS},
         },
         "attention": {
-            "top_slice_hit_rate": float(np.mean([h["hit"] for h in hits])) if hits else None,
+            "top_slice_hit_rate": float(np.mean(hits)) if hits else None,
             "cases": len(hits),
         },
         "baseline": {
@@ -353,8 +346,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
             "baseline": {k: baseline_metrics.get(k) for k in ("ensemble_test", "ensemble_test_ci95", "across_folds")},
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "wall_s": None,
-        "report": str(out / "report" / "index.html"),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "report": str(report),
         "case_bundle": str(case_bundle),
         "baseline_bundle": str(baseline_bundle),
         "encoder_bundle": str(encoder_bundle),
@@ -366,22 +359,15 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
                 "truth": case["truth"],
                 "probabilities": result.probabilities,
                 "baseline_probabilities": base.probabilities,
-                "lesion_slices": lesion_slices(case["volume"], case["lesions"]),
-                "top_slice": int(result.top_slices(1).slice_index.iloc[0]),
+                "lesion_slices": case["lesion_slices"],
+                "top_slice": case["top_slice"],
+                "top_slice_on_lesion": case["on_lesion"],
                 "lesions_lps": [[round(float(v), 2) for v in lesion.center_lps] for lesion in case["lesions"]],
             }
             for case, result, base in zip(heldout, results, baseline_results, strict=True)
         ],
         "lesions": lesion_rows,
     }
-    report = _report(
-        out, size, cohort, heldout, results, scores, baseline_scores, hits, metrics, baseline_metrics,
-        lesion_rows, stability, stability_case if stability else None, history, timings,
-    )  # fmt: skip
-    timings["report"] = time.perf_counter() - t
-    summary["timings_s"]["report"] = round(timings["report"], 1)
-    summary["wall_s"] = round(wall_s + timings["report"], 1)
-    summary["report"] = str(report)
     write_json(out / "summary.json", jsonable(summary))
     return summary
 
@@ -485,21 +471,20 @@ def _report(
     if render:
         from CLEARLib.render import render_case_view
 
-    hit_of = {h["case"]: h for h in hits}
     case_rows, positives = [], []
     for case, result, base_prob in zip(heldout, results, baseline_scores["prob"], strict=True):
         name = case["case"]
-        hit = hit_of.get(name)
         cells = "".join(
             f"<td>{case['truth'][label]}</td><td><b>{result.probabilities[label]:.2f}</b></td><td>{base_prob[j]:.2f}</td>"
             for j, label in enumerate(LABELS)
         )
-        where = "-" if hit is None else f"{hit['top']} ({'on a lesion' if hit['hit'] else 'missed'})"
+        on_lesion = case["on_lesion"]
+        where = "-" if on_lesion is None else f"{case['top_slice']} ({'on a lesion' if on_lesion else 'missed'})"
         case_rows.append(f"<tr><td>{name}</td>{cells}<td>{where}</td></tr>")
-        if hit is None:
+        if on_lesion is None:
             continue
         z = case["volume"].slice_positions_mm
-        marks = [float(z[k]) for k in hit["truth"]]
+        marks = [float(z[k]) for k in case["lesion_slices"]]
         title = f"{name}: " + ", ".join(f"{les.organ} r {les.radius_mm:.0f} mm" for les in case["lesions"])
         write_atomic(figures / f"attention-{name}.png", attention_plot_png(result.attention, title, marks))
         view = ""
@@ -523,7 +508,7 @@ def _report(
             for label in LABELS
         )
 
-    hit_rate = np.mean([h["hit"] for h in hits]) if hits else float("nan")
+    hit_rate = np.mean(hits) if hits else float("nan")
     lesions_note = (
         f"{LESIONS_PER_ORGAN[0]}-{LESIONS_PER_ORGAN[-1]} liver lesions (mostly hypodense, "
         f"{LIVER_LESION_RADIUS_MM[0]:.0f}-{LIVER_LESION_RADIUS_MM[1]:.0f} mm radius) or lung nodules "
@@ -588,7 +573,7 @@ of the same MambaOut before any training (LeCL's initial weights).</p>
 <p>{len(heldout)} held-out CTs; AUROC 95% intervals by bootstrap over CTs (1,000 draws).</p>
 {_img("reliability.png")}
 <h2>Where the model looked</h2>
-<p>The most attended slice lies within one slice of a true lesion slice in <b>{sum(h["hit"] for h in hits)} of
+<p>The most attended slice lies within one slice of a true lesion slice in <b>{sum(hits)} of
 {len(hits)}</b> held-out CTs with a lesion ({_fmt(hit_rate)}). For each: attention per window against slice
 position, dotted lines at the slices that cut a lesion{render_note if render else ""}.</p>
 {"".join(positives)}
