@@ -445,6 +445,22 @@ def test_constant_momentum_and_adam_betas_reach_the_trainer(tmp_path, deeplesion
     assert cosine[-1]["momentum"] > 0.99  # MoCo v3's schedule rises from 0.99 towards 1
 
 
+def test_blur_probability_reaches_the_views(tmp_path, deeplesion_store):
+    """data.blur_p: at 0 no view is blurred, at 1 every one is: the same rows and seed give views whose fine
+    detail (mean absolute difference of neighbouring pixels) is lower with blur (blur strengths are drawn from
+    0.1 px up, and the views' noise adds detail to both)."""
+    root, _, _ = deeplesion_store
+
+    def detail(blur_p):
+        trainer = Trainer(load_config(_config(tmp_path, root / "store", f"blur{blur_p}", data__blur_p=blur_p)))
+        assert all(view.blur_p == blur_p for view in trainer.batcher.views)
+        x1, x2, _, _, _ = trainer.batcher(np.arange(8), seed=3)
+        views = torch.cat([x1, x2])
+        return (views[..., 1:] - views[..., :-1]).abs().mean().item()
+
+    assert detail(0.0) > 1.05 * detail(1.0)
+
+
 def test_crop_grid_equals_affine_grid():
     import torch.nn.functional as F
 

@@ -58,7 +58,7 @@ class DataConfig(StrictModel):
     lesion_context: tuple[float, float] = (1.5, 4.0)
     augmentations: Literal["clear", "moco_v3"] = Field(
         "clear",
-        description="clear: CT window jitter, contrast, gamma, blur (p 0.5), noise, the same for both views; moco_v3: "
+        description="clear: CT window jitter, contrast, gamma, blur (p blur_p), noise, both views alike; moco_v3: "
         "the authors' (MoCo v3's) asymmetric colour augmentations: brightness/contrast jitter (p 0.8), blur p 1.0 "
         "and 0.1, solarisation p 0 and 0.2, horizontal flips",
     )
@@ -68,6 +68,13 @@ class DataConfig(StrictModel):
         lt=1,
         description="LeCL: this share of every batch is drawn from the key slices (cycling through them), the rest "
         "from the other slices, an epoch being one pass over those; default: all slices drawn alike, as the paper",
+    )
+    blur_p: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="clear augmentations: probability of the Gaussian blur of each view (0 keeps findings of a few "
+        "pixels, as on a small demo input, in both views)",
     )
     lesion_crop_px: tuple[float, float] | None = Field(
         None,

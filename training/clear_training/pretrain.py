@@ -35,6 +35,7 @@ class Batcher:
         view = ViewConfig(
             spec=encoder_entry(config.model.encoder).spec_at(config.data.image_size),  # what the bundle records
             scale=tuple(config.data.crop_scale),
+            blur_p=config.data.blur_p,
             lesion_context=config.data.lesion_context,
             lesion_crop_px=config.data.lesion_crop_px,
         )
