@@ -40,7 +40,7 @@ class DemoSize:
     heldout: int = 16
     matrix: int = 96
     image_size: int = 64
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 2400
     mil_epochs: int = 200
     mil_lr: float = 1e-3
     folds: int = 4
@@ -224,7 +224,17 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
             # Half of every batch is key slices, and their term weighs 3 (the paper's lambda range): with a
             # hundred-odd lesions among thousands of slices, three minutes of LeCL otherwise see too few of them
             # for lesion slices to stand out (measured: the MIL then finds neither label).
-            "data": {"store": str(data / "store"), "image_size": size.image_size, "key_slice_fraction": 0.5},
+            # Views keep at least 90% of the slice and are not blurred: a lung nodule is a few pixels at 64 px, and
+            # two views of a slice that disagree on it (cropped out of one, blurred away in the other) teach the
+            # encoder to ignore it (measured: lesion slices' bag-level probe AUROC lung 0.60 -> 0.90, liver 0.89 ->
+            # 0.90 against the paper-sized crops of 20-100% with blur).
+            "data": {
+                "store": str(data / "store"),
+                "image_size": size.image_size,
+                "key_slice_fraction": 0.5,
+                "crop_scale": [0.9, 1.0],
+                "blur_p": 0.0,
+            },
             "model": {
                 "encoder": "mambaout_femto",
                 "encoder_kwargs": {"depths": [1, 1, 2, 1], "dims": [16, 24, 48, 64]},
