@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import numpy as np
 import pytest
@@ -53,6 +55,16 @@ def test_demo_end_to_end(tmp_path):
         "What next",
     ):
         assert heading in page, heading
+    # The command the report gives for your own CT is one clear-ct takes.
+    from CLEARLib.cli import build_parser
+
+    command = html.unescape(re.search(r"<code>(clear-ct predict .*?)</code>", page, re.S).group(1)).split()
+    args = build_parser().parse_args(command[1:])
+    assert (args.path, args.model, args.out) == (
+        "YOUR_CT",
+        str(tmp_path / "demo" / "bundles" / "demo-lesion-location.zip"),
+        "result/",
+    )
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written["report"] == summary["report"]
     # The schema the issue asks for.

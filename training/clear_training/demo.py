@@ -605,9 +605,11 @@ module, in <i>Case prediction</i> set <i>Local bundle</i> to
 appear under <i>Predictions</i>, the attention curve beside the slice views (click it to jump to a slice). For a
 lesion: in <i>Lesion</i> set <i>Lesion bundle</i> to <code>bundles/demo-lesion.zip</code>, place the seed on a lesion
 with <i>Place</i> and press <i>Run lesion model</i>.</li>
-<li><b>Your own CT</b>: <code>clear-ct predict --model {html.escape(str(out / "bundles" / "demo-lesion-location.zip"))}
---input YOUR_CT --out result/</code> (README: <a href="{link}command-line">Command line</a>); with the
-published models, <code>clear-ct fetch --list</code> (<a href="{link}{day_one}">Day one</a>).</li>
+<li><b>Your own CT</b>: <code>clear-ct predict YOUR_CT
+--model {html.escape(str(out / "bundles" / "demo-lesion-location.zip"))} --out result/</code>
+(README: <a href="{link}command-line">Command line</a>) shows the outputs on your CT, but the demo's models
+learned phantoms: on a real CT their probabilities mean nothing. For answers use the published models,
+<code>clear-ct fetch --list</code> (<a href="{link}{day_one}">Day one</a>), or your own.</li>
 <li><b>Your own cohort</b>: prepare a cohort table, pretrain, extract and train ABMIL as this demo did (README:
 <a href="{link}{cohorts}">From a cohort table to a validated model</a>); the configs this run used are in
 <code>{html.escape(str(out))}</code>.</li>
