@@ -41,6 +41,17 @@ def default_lesions(volume_center_lps, extent_mm) -> list[Lesion]:
     ]
 
 
+def _ellipse(X, Y, cx, cy, ax, ay):
+    return ((X - cx) / ax) ** 2 + ((Y - cy) / ay) ** 2 <= 1.0
+
+
+def _paint_sphere(s, X, Y, z, centre, radius, value) -> None:
+    """Paint the cross-section of a sphere with the plane at height z (X/Y: the slice's pixel grids, mm)."""
+    r2 = radius**2 - (z - centre[2]) ** 2
+    if r2 > 0:
+        s[(X - centre[0]) ** 2 + (Y - centre[1]) ** 2 <= r2] = value
+
+
 def make_phantom(
     shape_zyx=(60, 96, 96),
     spacing_xyz=(3.0, 3.0, 5.0),
@@ -67,9 +78,8 @@ def make_phantom(
     x = origin[0] + spacing[0] * np.arange(nx) - center[0]
     y = origin[1] + spacing[1] * np.arange(ny) - center[1]
     X, Y = np.meshgrid(x, y, indexing="xy")  # [y, x]
-    ax, ay = 0.42 * extent[0], 0.32 * extent[1]
-    body = (X / ax) ** 2 + (Y / ay) ** 2 <= 1.0
-    spine = ((X / (0.06 * extent[0])) ** 2 + ((Y - 0.2 * extent[1]) / (0.05 * extent[1])) ** 2) <= 1.0
+    body = _ellipse(X, Y, 0.0, 0.0, 0.42 * extent[0], 0.32 * extent[1])
+    spine = _ellipse(X, Y, 0.0, 0.2 * extent[1], 0.06 * extent[0], 0.05 * extent[1])
     hu = np.empty((nz, ny, nx), dtype=np.int16)
     for k in range(nz):
         z = origin[2] + spacing[2] * k - center[2]
@@ -92,10 +102,7 @@ def make_phantom(
             s[liver] = LIVER_HU
         s[spine] = BONE_HU
         for lesion in lesions:
-            lx, ly, lz = np.asarray(lesion.center_lps) - center
-            r2 = lesion.radius_mm**2 - (z - lz) ** 2
-            if r2 > 0:
-                s[(X - lx) ** 2 + (Y - ly) ** 2 <= r2] = lesion.hu
+            _paint_sphere(s, X, Y, z, np.asarray(lesion.center_lps) - center, lesion.radius_mm, lesion.hu)
         if noise_hu:
             s[body] += rng.normal(0.0, noise_hu, size=int(body.sum())).astype(np.float32)
         hu[k] = np.rint(s).astype(np.int16)
@@ -109,10 +116,6 @@ MUSCLE_HU = 45
 BLOOD_HU = 40
 VERTEBRA_HU = 300
 CORTEX_HU = 800
-
-
-def _ellipse(X, Y, cx, cy, ax, ay):
-    return ((X - cx) / ax) ** 2 + ((Y - cy) / ay) ** 2 <= 1.0
 
 
 def _profile(z, bottom, top):
@@ -201,7 +204,7 @@ def make_ct_like_case(
     portal venous), reconstruction field of view, slice thickness (2.5, 3 or 5 mm unless given),
     scan range and table position, noise level; always lung vessels, liver vessels and, in some cases,
     calcified granulomas in liver or lung and aortic wall calcifications (distractors). For each organ
-    in `lesion_organs` ("liver", "lung") one or two lesions of drawn size, contrast and position inside
+    in `lesion_organs` ("liver", "lung") 1-3 lesions (LESIONS_PER_ORGAN) of drawn size, contrast and position inside
     that organ. The whole field is blurred by the in-plane and slice-thickness point spread (partial
     volume) and given spatially correlated noise. The in-plane matrix is small (default 96, about 4 mm
     pixels) so that a cohort fits a laptop; slice spacing is a real scan's.
@@ -316,9 +319,7 @@ def make_ct_like_case(
         for tube in tubes:
             _draw_tube(s, X, Y, z, tube, x0, y0, px)
         for centre, r, value in spheres:
-            r2 = r * r - (z - centre[2]) ** 2
-            if r2 > 0:
-                s[(X - centre[0]) ** 2 + (Y - centre[1]) ** 2 <= r2] = value
+            _paint_sphere(s, X, Y, z, centre, r, value)
         hu[k] = s
 
     # Partial volume: the scanner's in-plane point spread and the slice profile; then correlated noise.
