@@ -48,6 +48,11 @@ def hostProblem():
     return host_problem((slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
 
 
+def pathIsSet(path) -> bool:
+    """Whether a path parameter holds a path: the parameter node stores an unset one as "."."""
+    return bool(path) and str(path) not in ("", ".")
+
+
 def registerSampleData():
     """A synthetic CT with lesions (CLEARLib.phantom) in the Sample Data module, to try CLEAR without data.
     Made once into Slicer's cache; a failure here must never stop Slicer from starting."""
@@ -289,8 +294,8 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             for field, widgetName in PATH_FIELDS.items():  # an unset path shows as an empty field
-                value = str(getattr(self._parameterNode, field))
-                getattr(self.ui, widgetName).currentPath = "" if value in ("", ".") else value
+                value = getattr(self._parameterNode, field)
+                getattr(self.ui, widgetName).currentPath = str(value) if pathIsSet(value) else ""
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._updateButtons()
 
@@ -310,10 +315,10 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._job is not None
         local = self.ui.modelComboBox.currentText == LOCAL_BUNDLE
         self.ui.modelPathLineEdit.setEnabled(local)
-        haveModel = (not local) or bool(p and p.bundlePath and str(p.bundlePath) not in ("", "."))
+        haveModel = (not local) or bool(p and pathIsSet(p.bundlePath))
         self.ui.runButton.enabled = bool(p and p.inputVolume) and haveModel and not running
         self.ui.cancelButton.enabled = running
-        haveLesionModel = bool(p and p.lesionBundlePath and str(p.lesionBundlePath) not in ("", "."))  # unset is "."
+        haveLesionModel = bool(p and pathIsSet(p.lesionBundlePath))
         self.ui.runLesionButton.enabled = bool(p and p.inputVolume and p.seed) and haveLesionModel and not running
         self.ui.showPatchButton.enabled = bool(p and p.inputVolume and p.seed)
         haveCase = bool(p and p.inputVolume)
@@ -645,7 +650,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExportKeySlices(self):
         with slicer.util.tryWithErrorDisplay(_("Could not export the key slices."), waitCursor=True):
             path = self._parameterNode.keySliceExportPath
-            if not path or str(path) in ("", "."):
+            if not pathIsSet(path):
                 from CLEARLib.io.cohort import file_stem_for  # DICOM volumes are named "3: CT chest" and the like
 
                 path = Path(slicer.app.defaultScenePath) / f"{file_stem_for(self._keySlices().case_id)}_key_slices.csv"
