@@ -395,8 +395,8 @@ def _fmt_ci(value) -> str:
     return "n/a" if not value else f"{value[0]:.2f} - {value[1]:.2f}"
 
 
-def _cohort_png(heldout: list[dict]) -> bytes:
-    """Held-out CTs at a lesion slice under both windows, the lesion circled: what the phantoms look like."""
+def _cohort_png(heldout: list[dict], windows) -> bytes:
+    """Held-out CTs at a lesion slice under the encoder's windows, the lesion circled: what the phantoms look like."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle
 
@@ -405,9 +405,9 @@ def _cohort_png(heldout: list[dict]) -> bytes:
     for col, case in enumerate(shown):
         volume, lesion = case["volume"], case["lesions"][0]
         k, j, i = volume.lps_to_index(lesion.center_lps)
-        for row, (low, high) in enumerate(((-160, 240), (-1350, 150))):
-            ax = fig.add_subplot(2, len(shown), row * len(shown) + col + 1)
-            ax.imshow(volume.hu[int(round(k))], cmap="gray", vmin=low, vmax=high)
+        for row, window in enumerate(windows):
+            ax = fig.add_subplot(len(windows), len(shown), row * len(shown) + col + 1)
+            ax.imshow(volume.hu[int(round(k))], cmap="gray", vmin=window.low, vmax=window.high)
             ax.add_patch(Circle((i, j), lesion.radius_mm / volume.spacing[0] + 3, fill=False, color="red", lw=1))
             ax.set_axis_off()
             if row == 0:
@@ -472,7 +472,7 @@ def _report(
     day_one = "day-one-what-works-before-you-train-anything"
     cohorts = "from-a-cohort-table-to-a-validated-model-extraction-abmil-probes-statistics"
     windows = resolve_windows(["abdomen", "lung"])
-    write_atomic(figures / "cohort.png", _cohort_png(heldout))
+    write_atomic(figures / "cohort.png", _cohort_png(heldout, windows))
     write_atomic(figures / "reliability.png", _reliability_png(scores, baseline_scores))
     for name in ("roc.png", "pr.png"):
         if (out / "mil-demo-lesion-location" / name).exists():
