@@ -229,12 +229,18 @@ def test_progress_prints_one_line_per_case_with_status_rate_and_time_left(tmp_pa
 
 def test_background_job_fills_the_tables_as_cases_finish_and_cancel_keeps_them(tmp_path, scene, predictor):
     paths = _cohort(tmp_path, 6)
+    # One case may start per poll, so that the cancel after two rows lands before the batch ends however fast
+    # the cases run (on a loaded machine several tiny cases once finished within one poll's wait).
+    gate, predict = threading.Semaphore(0), predictor.predict
+    predictor.predict = lambda *args, **kwargs: gate.acquire() and predict(*args, **kwargs)
     job = start_batch(paths, predictor, scene=scene)
     rows_seen = []
     while not job.poll(wait_s=0.05):  # what the widget's timer does; the tables fill on this thread
         rows_seen.append(job.partial().predictions_node.GetNumberOfRows())
         if rows_seen[-1] >= 2:
             job.cancel()
+        gate.release()
+    del predictor.predict  # the class's own again
     result = job.result
     assert result.stopped == "cancelled" and 2 <= len(result.predictions) < 6
     assert result.predictions_node.GetNumberOfRows() == len(result.predictions)
