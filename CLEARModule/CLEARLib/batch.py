@@ -3,7 +3,7 @@
     from CLEARLib.batch import run_batch
     batch = run_batch({"P001": "/data/P001/ct.nii.gz", "P002": volume_node}, "model.zip", scene=slicer.mrmlScene)
     batch.predictions        # DataFrame: one row per case (status, probabilities, top slice)
-    batch.attention          # DataFrame: case, source, slice_index, window, z_mm, attention
+    batch.attention          # DataFrame: case, source, slice_index, window, z_mm, attention (+ attention:<label>)
     batch.predictions_node   # table nodes in the scene (saved with it), when a scene is given
 
 Every entry is handled inside the per-case error handling: a case that fails, or an entry that is not a CT
@@ -33,6 +33,13 @@ from .jobs import BackgroundJob
 from .progress import ProgressBar, report
 
 ATTENTION_COLUMNS = ["case", "source", "slice_index", "window", "z_mm", "attention"]
+
+
+def _attention_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """A case's attention rows in the batch's columns, with the per-label columns of a bundle that has them."""
+    return frame[ATTENTION_COLUMNS + [c for c in frame.columns if c.startswith("attention:")]]
+
+
 _TEXT_COLUMNS = ("case", "source", "status", "error", "patient_id", "series_instance_uid", "top_slices", "top_window")
 TABLE_MODES = ("replace", "keep")
 
@@ -250,7 +257,7 @@ class BatchRun:
         read = volume.input_record()
         top = result.top_slices(self.top_k)
         self.attention.append(
-            result.attention.assign(case=row["case"], source=case.source)[ATTENTION_COLUMNS]
+            _attention_rows(result.attention.assign(case=row["case"], source=case.source))
         )  # before the row: a reader that sees the row finds its attention
         self.rows.append(
             self._row(
@@ -310,7 +317,7 @@ class BatchRun:
             done.add(i)
             old_name = row["case"]
             same_case = (attention.source == case.source) & (attention.case == old_name)
-            self.attention.append(attention[same_case].assign(case=case.name)[ATTENTION_COLUMNS])
+            self.attention.append(_attention_rows(attention[same_case].assign(case=case.name)))
             self.rows.append(self._row({**row, "case": case.name}))
         in_batch = {case.source for case in self.cases}
         self._earlier = (

@@ -256,3 +256,36 @@ def test_background_job_fills_the_tables_as_cases_finish_and_cancel_keeps_them(t
 def test_a_prepared_batch_reads_nothing_before_it_runs(tmp_path, predictor):
     run = prepare_batch([tmp_path / "not yet there.nii.gz"], predictor)
     assert [case.name for case in run.cases] == ["not yet there"] and run.rows == []
+
+
+def test_per_label_attention_columns_are_kept_and_taken_over_on_a_rerun(tmp_path, tiny_case_bundle):
+    import torch
+
+    from CLEARLib.bundle import save_bundle
+    from CLEARLib.models import ABMIL
+
+    tiny = load_bundle(tiny_case_bundle)
+    torch.manual_seed(2)
+    path = save_bundle(
+        tmp_path / "per-label",
+        name="per-label",
+        kind="case",
+        encoder=tiny.encoder,
+        head=ABMIL(tiny.encoder.num_features, 3, hidden_dim=16, attention_dim=8, per_label_attention=True),
+        labels=["liver", "lung", "bone"],
+        task="multilabel",
+        windows=tiny.windows,
+        input_spec=tiny.input_spec,
+    )
+    predictor = CasePredictor(path, device="cpu")
+    paths = _cohort(tmp_path / "cohort", 2)
+    results = tmp_path / "results.csv"
+    label_columns = ["attention:liver", "attention:lung", "attention:bone"]
+    first = run_batch(paths[:1], predictor, progress=None, results_file=results)
+    assert set(label_columns) <= set(first.attention.columns)
+    on_disk = pd.read_csv(results.with_name("results-attention.csv"))
+    assert set(label_columns) <= set(on_disk.columns)
+    rerun = run_batch(paths, predictor, progress=None, results_file=results)
+    assert list(rerun.predictions.case) == ["P000/ct", "P001/ct"]
+    for _, rows in rerun.attention.groupby("case"):  # the case taken over keeps its curves, the new one has its own
+        np.testing.assert_allclose(rows[label_columns].sum().to_numpy(), 1.0, atol=1e-5)

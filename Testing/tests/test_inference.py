@@ -131,6 +131,45 @@ def test_rescoring_with_another_head_on_the_same_encoder(phantom, tiny_case_bund
         CasePredictor(different, device="cpu").rescore(first)
 
 
+def test_a_bundle_with_per_label_attention_gives_each_label_its_own_curve(phantom, tiny_case_bundle, tmp_path):
+    volume, _ = phantom
+    bundle = load_bundle(tiny_case_bundle)
+    torch.manual_seed(3)
+    head = ABMIL(32, 2, hidden_dim=16, attention_dim=8, per_label_attention=True).eval()
+    path = save_bundle(
+        tmp_path / "per-label",
+        name="per-label",
+        kind="case",
+        encoder=bundle.encoder,
+        head=head,
+        labels=["liver", "lung"],
+        task="multilabel",
+        windows=bundle.windows,
+        input_spec=bundle.input_spec,
+    )
+    loaded = load_bundle(path)
+    assert loaded.manifest.head.kwargs["per_label_attention"] is True
+    assert loaded.head.attention_branches == 2
+    result = CasePredictor(loaded, device="cpu").predict(volume)
+    table = result.attention
+    assert {"attention", "attention:liver", "attention:lung"} <= set(table.columns)
+    for column in ("attention", "attention:liver", "attention:lung"):
+        assert table[column].sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(table["attention"], (table["attention:liver"] + table["attention:lung"]) / 2)
+    with torch.no_grad():
+        logits, attention = head(torch.from_numpy(result.embeddings))
+    np.testing.assert_allclose(table[["attention:liver", "attention:lung"]].to_numpy(), attention.numpy(), atol=1e-6)
+    assert [result.probabilities[k] for k in ("liver", "lung")] == pytest.approx(
+        torch.sigmoid(logits).tolist(), abs=1e-6
+    )
+    top_lung = result.top_slices(1, label="lung").iloc[0]
+    assert top_lung["attention:lung"] == pytest.approx(table["attention:lung"].max())
+    # a shared-attention bundle has one column, and asking for a label's curve gives that one
+    shared = CasePredictor(bundle, device="cpu").predict(volume)
+    assert not any(c.startswith("attention:") for c in shared.attention.columns)
+    assert shared.top_slices(3, label=bundle.manifest.labels[0]).equals(shared.top_slices(3))
+
+
 def test_encoder_only_bundle_cannot_predict(phantom, tiny_case_bundle, tmp_path):
     volume, _ = phantom
     bundle = load_bundle(tiny_case_bundle)

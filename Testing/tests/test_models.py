@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -200,6 +201,45 @@ def test_abmil_matches_a_hand_computation():
     z = torch.from_numpy((a[:, None] * h).sum(0)).float()
     with torch.no_grad():
         np.testing.assert_allclose(logits.numpy(), model.head(z).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_per_label_attention_pools_one_vector_per_label_and_reads_each_label_from_its_own():
+    torch.manual_seed(0)
+    model = ABMIL(in_dim=4, n_outputs=3, hidden_dim=6, attention_dim=3, per_label_attention=True).eval()
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        logits, attention = model(x, mask)
+        h = model.encoder(x)
+        scores = model.attention_w(torch.tanh(model.attention_V(h)))  # [B, N, 3]
+    assert logits.shape == (2, 3) and attention.shape == (2, 5, 3)
+    torch.testing.assert_close(attention.sum(1), torch.ones(2, 3))
+    assert torch.all(attention[1, 3:] == 0)
+    for b, n in enumerate([5, 3]):
+        for label in range(3):
+            a = torch.softmax(scores[b, :n, label], 0)
+            torch.testing.assert_close(attention[b, :n, label], a, atol=1e-6, rtol=1e-5)
+            with torch.no_grad():
+                expected = model.head((a[:, None] * h[b, :n]).sum(0))[label]
+            torch.testing.assert_close(logits[b, label], expected, atol=1e-5, rtol=1e-5)
+    # the labels' attentions differ (their own scores), so this is not the shared form in disguise
+    assert not torch.allclose(attention[0, :, 0], attention[0, :, 1])
+
+
+def test_attention_columns_name_each_label_and_keep_a_summing_overall_column():
+    from CLEARLib.models import attention_columns, label_attention
+
+    att = np.array([[0.7, 0.1], [0.2, 0.3], [0.1, 0.6]])
+    columns = attention_columns(att, ["liver", "lung"])
+    assert list(columns) == ["attention", "attention:liver", "attention:lung"]
+    np.testing.assert_allclose(columns["attention"], [0.4, 0.25, 0.35])
+    table = pd.DataFrame(columns)
+    np.testing.assert_allclose(label_attention(table, "lung"), att[:, 1])
+    shared = pd.DataFrame(attention_columns(att[:, 0], ["liver", "lung"]))
+    assert list(shared) == ["attention"]
+    np.testing.assert_allclose(label_attention(shared, "lung"), att[:, 0])
+    with pytest.raises(ValueError, match="2 branches for 3 labels"):
+        attention_columns(att, ["a", "b", "c"])
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -89,11 +89,11 @@ def _synthetic_cohort(root, n_cases=150, dim=16, seed=0):
         feats = rng.normal(size=(n, dim)).astype(np.float32)
         feats += (rng.uniform(-1.0, 1.0, size=2) @ directions).astype(np.float32)  # case baseline
         labels = rng.random(2) < 0.45
-        marked = set()
+        marked = {}
         for j in np.flatnonzero(labels):
             where = rng.choice(n, size=int(rng.integers(2, 5)), replace=False)
             feats[where] += 4.0 * directions[j]
-            marked |= set(where.tolist())
+            marked[["liver", "lung"][j]] = set(where.tolist())
         case = f"case{i:03d}"
         lesion_slices[case] = marked
         write_features(
@@ -129,7 +129,7 @@ def _mil_config(root, **data):
 
 
 def test_abmil_cross_validation_learns_and_attends_to_lesion_slices(tmp_path):
-    lesion_slices = _synthetic_cohort(tmp_path)
+    lesion_slices = {case: set().union(*by_label.values()) for case, by_label in _synthetic_cohort(tmp_path).items()}
     metrics = run_mil(_mil_config(tmp_path))
     test = metrics["ensemble_test"]
     assert test["liver"]["auroc"] > 0.8 and test["lung"]["auroc"] > 0.8, test  # chance is 0.5
@@ -161,6 +161,27 @@ def test_abmil_cross_validation_learns_and_attends_to_lesion_slices(tmp_path):
     assert protocol["n_patients"] == splits.patient_id.nunique() and protocol["grouped_by"] == "patient_id"
     assert protocol["split_sizes"] == splits.split.value_counts().to_dict()
     assert protocol["train"]["epochs"] == 200 and "3 validation folds" in protocol["design"]
+
+
+def test_per_label_attention_puts_each_labels_attention_on_its_own_lesions(tmp_path):
+    lesion_slices = _synthetic_cohort(tmp_path)
+    config = _mil_config(tmp_path)
+    config.model.per_label_attention = True
+    config.evaluation.bootstrap = 0
+    metrics = run_mil(config)
+    assert all(metrics["ensemble_test"][label]["auroc"] > 0.8 for label in ("liver", "lung")), metrics["ensemble_test"]
+    attention = pd.read_csv(tmp_path / "mil" / "attention.csv")
+    assert {"attention", "attention:liver", "attention:lung"} <= set(attention.columns)
+    sums = attention.groupby("case_id")[["attention", "attention:liver", "attention:lung"]].sum()
+    np.testing.assert_allclose(sums.to_numpy(), 1.0, atol=1e-4)
+    tested = set(pd.read_csv(tmp_path / "mil" / "splits.csv").query("split == 'test'").case_id)
+    hits = []
+    for case in sorted(tested):
+        rows = attention[attention.case_id == case]
+        for label, slices in lesion_slices[case].items():
+            # each label's most attended slice is one of that label's lesion slices, not the other's
+            hits.append(int(rows.slice_index.iloc[rows[f"attention:{label}"].argmax()]) in slices)
+    assert len(hits) >= 10 and np.mean(hits) > 0.9, hits
 
 
 def test_nested_cross_validation_for_small_cohorts(tmp_path):

@@ -214,6 +214,11 @@ class MilModel(StrictModel):
     gated: bool = False
     dropout: float = Field(0.25, ge=0, lt=1)
     dropout_before_activation: bool = Field(False, description="the authors' head: Linear -> Dropout -> SiLU")
+    per_label_attention: bool = Field(
+        False,
+        description="one attention per label, each label's logit from its own pooled vector (CLAM's multi-branch "
+        "form); the paper's ABMIL shares one attention",
+    )
 
 
 class MilTrain(StrictModel):

@@ -28,7 +28,7 @@ from CLEARLib.files import (
     write_json,
 )
 from CLEARLib.inference.runtime import autocast, resolve_device
-from CLEARLib.models import ABMIL, ABMILEnsemble, probabilities
+from CLEARLib.models import ABMIL, ABMILEnsemble, attention_columns, label_attention, probabilities
 from CLEARLib.outputs import attention_plot_png, figure_png
 from CLEARLib.progress import report, scaled
 
@@ -286,8 +286,7 @@ def train_fold(
     rng = np.random.default_rng(seed)
     n_out = len(bags.labels)
     m = config.model
-    model = ABMIL(bags.dim, n_out, m.hidden_dim, m.attention_dim, m.gated, m.dropout, m.dropout_before_activation)
-    model = model.to(device)
+    model = ABMIL(bags.dim, n_out, **m.model_dump()).to(device)
     # With weight_decay 0 this is exactly Adam (the authors' optimiser).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     weights = class_balance_weights(bags, train_idx, device) if config.train.class_balanced else None
@@ -511,7 +510,7 @@ def _write_attention(bags: Bags, index, prob, attention, config: MilConfig, out:
                     "slice_index": meta["slice_index"],
                     "window": meta["window"],
                     "z_mm": meta["z_mm"],
-                    "attention": att,
+                    **attention_columns(att, bags.labels),
                 }
             )
         )
@@ -521,7 +520,9 @@ def _write_attention(bags: Bags, index, prob, attention, config: MilConfig, out:
     for j, label in enumerate(bags.labels):
         for rank in np.argsort(-prob[:, j])[: config.evaluation.attention_plots]:
             case = bags.case_ids[index[rank]]
-            png = attention_plot_png(table[table.case_id == case], title=f"{case}: p({label}) = {prob[rank, j]:.2f}")
+            rows = table[table.case_id == case]
+            rows = rows.assign(attention=label_attention(rows, label))  # the curve of this label's attention
+            png = attention_plot_png(rows, title=f"{case}: p({label}) = {prob[rank, j]:.2f}")
             write_atomic(plots / f"{label}_{case}.png", png)
 
 

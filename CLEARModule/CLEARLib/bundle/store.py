@@ -96,6 +96,7 @@ def _head_kwargs(head: nn.Module) -> dict:
             "gated": head.attention_U is not None,
             "dropout": float(head.encoder[2].p),
             "dropout_before_activation": bool(head.dropout_before_activation),
+            "per_label_attention": head.attention_branches > 1,
         }
     if isinstance(head, LinearHead):
         return {}

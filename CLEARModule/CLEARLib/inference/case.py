@@ -15,7 +15,7 @@ import torch
 from ..bundle import Bundle, load_bundle
 from ..errors import CLEARInputError
 from ..io import CTVolume, read_ct
-from ..models.abmil import head_probabilities
+from ..models.abmil import attention_columns, head_probabilities, label_attention
 from ..preprocess import SliceInstances
 from ..progress import ProgressCallback, report
 from .backends import SliceEncoderRunner
@@ -25,7 +25,9 @@ from .runtime import StageTimer, check_cancel, default_batch_size, resolve_devic
 @dataclass
 class CaseResult:
     probabilities: dict[str, float]
-    attention: pd.DataFrame  # slice_index, window, z_mm, attention: one row per instance
+    # slice_index, window, z_mm, attention: one row per instance; a head with per-label attention adds
+    # attention:<label> for each label, and `attention` is their mean
+    attention: pd.DataFrame
     embeddings: np.ndarray  # [n_instances, feature_dim] float32, rows in attention's order
     labels: list[str]
     task: str
@@ -34,10 +36,12 @@ class CaseResult:
     timings: dict[str, float] = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)  # backend, precision, device (and ONNX verification) that ran
 
-    def top_slices(self, k: int = 5, window: str | None = None) -> pd.DataFrame:
-        """The k instances with the highest attention (optionally of one window), highest first."""
+    def top_slices(self, k: int = 5, window: str | None = None, label: str | None = None) -> pd.DataFrame:
+        """The k instances with the highest attention (optionally of one window, and of one label's attention
+        where the head has per-label attention), highest first."""
         table = self.attention if window is None else self.attention[self.attention.window == window]
-        return table.sort_values("attention", ascending=False, kind="stable").head(k).reset_index(drop=True)
+        order = (table["attention"] if label is None else label_attention(table, label)).to_numpy()
+        return table.iloc[np.argsort(-order, kind="stable")[:k]].reset_index(drop=True)
 
     def to_dict(self) -> dict:
         return {
@@ -143,9 +147,10 @@ class CasePredictor:
         timer = StageTimer(self.device)
         probs, attention = self.score(embeddings, table, timer)
         frame = pd.DataFrame({k: np.asarray(v) for k, v in dict(table).items()})[["slice_index", "window", "z_mm"]]
-        frame["attention"] = attention
         manifest = self.bundle.manifest
         labels = list(manifest.labels)
+        for name, column in attention_columns(attention, labels).items():
+            frame[name] = column
         return CaseResult(
             probabilities={label: float(p) for label, p in zip(labels, probs, strict=True)},
             attention=frame,

@@ -1,6 +1,6 @@
 """Models: slice encoders (MambaOut, ViT with conv stem, VMamba), the FMCIB lesion encoder, ABMIL and heads."""
 
-from .abmil import ABMIL, TASKS, ABMILEnsemble, LinearHead, probabilities
+from .abmil import ABMIL, TASKS, ABMILEnsemble, LinearHead, attention_columns, label_attention, probabilities
 from .encoders import (
     IMAGENET_SPEC,
     create_encoder,
@@ -17,9 +17,11 @@ __all__ = [
     "IMAGENET_SPEC",
     "TASKS",
     "LinearHead",
+    "attention_columns",
     "create_encoder",
     "cuda_kernel_available",
     "encoder_entry",
+    "label_attention",
     "list_encoders",
     "probabilities",
     "register_encoder",
