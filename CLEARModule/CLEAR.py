@@ -233,6 +233,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runButton.connect("clicked(bool)", self.onRun)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.topSlicesTable.connect("cellDoubleClicked(int,int)", self.onTopSliceActivated)
+        self.ui.attentionLabelComboBox.connect("currentIndexChanged(int)", self.onAttentionLabelChanged)
         self.ui.jumpToSliceButton.connect("clicked(bool)", self.onJumpToSelectedSlice)
         self.ui.showOverlayCheckBox.connect("toggled(bool)", self.onOverlayChanged)
         self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayChanged)
@@ -272,6 +273,7 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onCancel()
         self.setParameterNode(None)
         self._caseResult = self._plot = self._overlayNode = self._annotations = None
+        self._fillAttentionLabels(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -459,21 +461,51 @@ class CLEARWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onCaseDone(self, result):
         self._caseResult = result
-        p = self._parameterNode
-        shown = self.logic.showCaseResult(self._ctVolume, result, p.inputVolume, p.showOverlay, p.overlayOpacity)
-        self.ui.resultsTableView.setMRMLTableNode(shown.table)
-        self._plot, self._overlayNode = shown.plot, shown.overlay
-        self._fillTopSlices()
+        self._fillAttentionLabels(result)
+        self._showAttention()
         self._observeRedSlice()
         self._connectPlotClicks()
         self._setProgress(1.0, _("done:") + " " + ", ".join(f"{k} {v:.2f}" for k, v in result.probabilities.items()))
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
         self._showLog(f"{result.bundle_name} on {result.runtime}: {timings}; {json.dumps(result.probabilities)}")
 
+    def _fillAttentionLabels(self, result):
+        """'all labels', and each label where the model has one attention per label (otherwise the one
+        attention is every label's, and there is nothing to choose)."""
+        combo = self.ui.attentionLabelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("all labels"))
+        if result is not None and result.per_label_attention:
+            combo.addItems(result.labels)
+        combo.setEnabled(combo.count > 1)
+        combo.blockSignals(wasBlocked)
+
+    def _shownResult(self):
+        """The case result as the attention selector shows it: one label's attention, or all labels' mean."""
+        combo = self.ui.attentionLabelComboBox
+        if self._caseResult is None or combo.currentIndex <= 0:
+            return self._caseResult
+        return self._caseResult.for_labels(combo.currentText)
+
+    def _showAttention(self):
+        p = self._parameterNode
+        result = self._shownResult()
+        shown = self.logic.showCaseResult(self._ctVolume, result, p.inputVolume, p.showOverlay, p.overlayOpacity)
+        self.ui.resultsTableView.setMRMLTableNode(shown.table)
+        self._plot, self._overlayNode = shown.plot, shown.overlay
+        self._fillTopSlices()
+
+    def onAttentionLabelChanged(self, *_):
+        if self._caseResult is not None and self._ctVolume is not None and self._parameterNode is not None:
+            self._showAttention()
+            self.onRedSliceModified()
+
     def _fillTopSlices(self, *_):
-        if self._caseResult is None:
+        result = self._shownResult()
+        if result is None:
             return
-        top = self._caseResult.top_slices(self._parameterNode.topK)
+        top = result.top_slices(self._parameterNode.topK)
         table = self.ui.topSlicesTable
         table.setRowCount(len(top))
         for row, item in enumerate(top.itertuples()):

@@ -48,6 +48,16 @@ TINY_LESION = {"layers": (1, 1, 1, 1), "block_inplanes": (4, 8, 8, 16), "widen_f
 @pytest.fixture(scope="session")
 def tiny_case_bundle(tmp_path_factory):
     """A small but real case bundle: MambaOut (1 block per stage) at 32 px, ABMIL with 3 labels."""
+    return _tiny_case_bundle(tmp_path_factory.mktemp("bundles") / "case.zip", per_label_attention=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_per_label_bundle(tmp_path_factory):
+    """The tiny case bundle's encoder under an ABMIL with one attention per label."""
+    return _tiny_case_bundle(tmp_path_factory.mktemp("bundles") / "per-label.zip", per_label_attention=True)
+
+
+def _tiny_case_bundle(path, per_label_attention: bool):
     import torch
 
     from CLEARLib.bundle import save_bundle
@@ -56,11 +66,10 @@ def tiny_case_bundle(tmp_path_factory):
 
     torch.manual_seed(0)
     encoder = create_encoder("mambaout_femto", **TINY_MAMBAOUT)
-    head = ABMIL(encoder.num_features, 3, hidden_dim=32, attention_dim=16)
-    path = tmp_path_factory.mktemp("bundles") / "case.zip"
+    head = ABMIL(encoder.num_features, 3, hidden_dim=32, attention_dim=16, per_label_attention=per_label_attention)
     return save_bundle(
         path,
-        name="tiny-case",
+        name="tiny-per-label" if per_label_attention else "tiny-case",
         kind="case",
         encoder=encoder,
         head=head,

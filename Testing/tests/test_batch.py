@@ -258,26 +258,8 @@ def test_a_prepared_batch_reads_nothing_before_it_runs(tmp_path, predictor):
     assert [case.name for case in run.cases] == ["not yet there"] and run.rows == []
 
 
-def test_per_label_attention_columns_are_kept_and_taken_over_on_a_rerun(tmp_path, tiny_case_bundle):
-    import torch
-
-    from CLEARLib.bundle import save_bundle
-    from CLEARLib.models import ABMIL
-
-    tiny = load_bundle(tiny_case_bundle)
-    torch.manual_seed(2)
-    path = save_bundle(
-        tmp_path / "per-label",
-        name="per-label",
-        kind="case",
-        encoder=tiny.encoder,
-        head=ABMIL(tiny.encoder.num_features, 3, hidden_dim=16, attention_dim=8, per_label_attention=True),
-        labels=["liver", "lung", "bone"],
-        task="multilabel",
-        windows=tiny.windows,
-        input_spec=tiny.input_spec,
-    )
-    predictor = CasePredictor(path, device="cpu")
+def test_per_label_attention_columns_are_kept_and_taken_over_on_a_rerun(tmp_path, tiny_per_label_bundle):
+    predictor = CasePredictor(tiny_per_label_bundle, device="cpu")
     paths = _cohort(tmp_path / "cohort", 2)
     results = tmp_path / "results.csv"
     label_columns = ["attention:liver", "attention:lung", "attention:bone"]

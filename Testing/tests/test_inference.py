@@ -131,43 +131,40 @@ def test_rescoring_with_another_head_on_the_same_encoder(phantom, tiny_case_bund
         CasePredictor(different, device="cpu").rescore(first)
 
 
-def test_a_bundle_with_per_label_attention_gives_each_label_its_own_curve(phantom, tiny_case_bundle, tmp_path):
+def test_a_bundle_with_per_label_attention_gives_each_label_its_own_curve(
+    phantom, tiny_case_bundle, tiny_per_label_bundle
+):
     volume, _ = phantom
-    bundle = load_bundle(tiny_case_bundle)
-    torch.manual_seed(3)
-    head = ABMIL(32, 2, hidden_dim=16, attention_dim=8, per_label_attention=True).eval()
-    path = save_bundle(
-        tmp_path / "per-label",
-        name="per-label",
-        kind="case",
-        encoder=bundle.encoder,
-        head=head,
-        labels=["liver", "lung"],
-        task="multilabel",
-        windows=bundle.windows,
-        input_spec=bundle.input_spec,
-    )
-    loaded = load_bundle(path)
+    loaded = load_bundle(tiny_per_label_bundle)
     assert loaded.manifest.head.kwargs["per_label_attention"] is True
-    assert loaded.head.attention_branches == 2
+    assert loaded.head.attention_branches == 3
     result = CasePredictor(loaded, device="cpu").predict(volume)
-    table = result.attention
-    assert {"attention", "attention:liver", "attention:lung"} <= set(table.columns)
-    for column in ("attention", "attention:liver", "attention:lung"):
+    table, labels = result.attention, ["liver", "lung", "bone"]
+    columns = [f"attention:{label}" for label in labels]
+    assert result.per_label_attention and {"attention", *columns} <= set(table.columns)
+    for column in ("attention", *columns):
         assert table[column].sum() == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(table["attention"], (table["attention:liver"] + table["attention:lung"]) / 2)
+    np.testing.assert_allclose(table["attention"], table[columns].mean(axis=1), rtol=1e-6)
     with torch.no_grad():
-        logits, attention = head(torch.from_numpy(result.embeddings))
-    np.testing.assert_allclose(table[["attention:liver", "attention:lung"]].to_numpy(), attention.numpy(), atol=1e-6)
-    assert [result.probabilities[k] for k in ("liver", "lung")] == pytest.approx(
-        torch.sigmoid(logits).tolist(), abs=1e-6
-    )
+        logits, attention = loaded.head(torch.from_numpy(result.embeddings))
+    np.testing.assert_allclose(table[columns].to_numpy(), attention.numpy(), atol=1e-6)
+    assert [result.probabilities[k] for k in labels] == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-6)
     top_lung = result.top_slices(1, label="lung").iloc[0]
     assert top_lung["attention:lung"] == pytest.approx(table["attention:lung"].max())
-    # a shared-attention bundle has one column, and asking for a label's curve gives that one
-    shared = CasePredictor(bundle, device="cpu").predict(volume)
-    assert not any(c.startswith("attention:") for c in shared.attention.columns)
-    assert shared.top_slices(3, label=bundle.manifest.labels[0]).equals(shared.top_slices(3))
+    # one label's view: its curve in `attention`, the rest as it was
+    lung = result.for_labels("lung")
+    np.testing.assert_allclose(lung.attention["attention"], table["attention:lung"])
+    where = ["slice_index", "window"]
+    assert lung.top_slices(3)[where].equals(result.top_slices(3, label="lung")[where])
+    assert lung.probabilities == result.probabilities and result.attention is table  # the original unchanged
+    both = result.for_labels(["liver", "lung"])
+    np.testing.assert_allclose(both.attention["attention"], table[columns[:2]].mean(axis=1), rtol=1e-6)
+    with pytest.raises(ValueError, match="not among"):
+        result.for_labels("spleen")
+    # a shared-attention bundle has one column, and a label's view of it is that one
+    shared = CasePredictor(tiny_case_bundle, device="cpu").predict(volume)
+    assert not shared.per_label_attention
+    np.testing.assert_allclose(shared.for_labels("bone").attention["attention"], shared.attention["attention"])
 
 
 def test_encoder_only_bundle_cannot_predict(phantom, tiny_case_bundle, tmp_path):

@@ -316,3 +316,23 @@ def test_volumes_loaded_from_dicom_get_the_readers_checks(scene, phantom, tmp_pa
         assert problem is None if expected is None else expected in problem, problem
     node.SetAttribute("DICOM.instanceUIDs", "1.2.3.4")
     assert "not in the DICOM database" in mrml.dicom_problem(node, _DicomDatabase(complete))
+
+
+def test_one_labels_attention_refills_the_plot_and_overlay_of_its_input(scene, phantom, tiny_per_label_bundle):
+    # What the module's "Attention of" selector does: show the result for one label, then for all again.
+    volume, _ = phantom
+    node = _node_from_layout(scene, relayout(volume, (0, 1, 2), (False, False, False)))
+    read = mrml.volume_from_node(node)
+    result = CasePredictor(tiny_per_label_bundle, device="cpu").predict(read)
+    shown = mrml.show_case_result(scene, read, result.for_labels("lung"), node)
+    wide = slicer.util.dataframeFromTable(scene.GetNodeByID(shown.plot.table_id))
+    lung = result.attention[result.attention.window == "lung"].sort_values("slice_index")
+    np.testing.assert_allclose(wide.attention_lung, lung["attention:lung"], rtol=1e-6)
+    per_slice = result.attention.groupby("slice_index")["attention:lung"].max().to_numpy()
+    np.testing.assert_allclose(
+        slicer.util.arrayFromVolume(shown.overlay)[:, 0, 0], per_slice / per_slice.max(), rtol=1e-5
+    )
+    again = mrml.show_case_result(scene, read, result, node)
+    assert again.plot.table_id == shown.plot.table_id and again.overlay.GetID() == shown.overlay.GetID()
+    wide = slicer.util.dataframeFromTable(scene.GetNodeByID(again.plot.table_id))
+    np.testing.assert_allclose(wide.attention_lung, lung["attention"], rtol=1e-6)

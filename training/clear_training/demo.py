@@ -177,15 +177,9 @@ def _heldout_metrics(heldout: list[dict], results: list, seed: int = 0) -> dict:
 
 
 def _finding_attention(case: dict, result):
-    """The result with its `attention` column replaced by the attention of the labels the CT is positive for
-    (their mean; the bundle's per-label attention): where the model looked for what the CT has."""
-    from dataclasses import replace
-
-    from CLEARLib.models import label_attention
-
-    positive = [label for label in LABELS if case["truth"][label]] or LABELS
-    mean = sum(label_attention(result.attention, label) for label in positive) / len(positive)
-    return replace(result, attention=result.attention.assign(attention=mean))
+    """The result as seen through the attention of the labels the CT is positive for (the bundle has one
+    attention per label): where the model looked for what the CT has."""
+    return result.for_labels([label for label in LABELS if case["truth"][label]] or LABELS)
 
 
 def _attention_on_lesions(heldout: list[dict], results: list) -> None:

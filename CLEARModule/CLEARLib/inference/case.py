@@ -6,7 +6,7 @@ The one code path behind the Slicer module, the Python-console batch API and `cl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,21 @@ class CaseResult:
         table = self.attention if window is None else self.attention[self.attention.window == window]
         order = (table["attention"] if label is None else label_attention(table, label)).to_numpy()
         return table.iloc[np.argsort(-order, kind="stable")[:k]].reset_index(drop=True)
+
+    def for_labels(self, labels) -> CaseResult:
+        """This result with its `attention` column replaced by the mean attention of `labels` (each label's own
+        where the head has per-label attention; the shared attention, unchanged, otherwise): what the attention
+        plot, the heat overlay and the top slices then show."""
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        unknown = sorted(set(labels) - set(self.labels))
+        if not labels or unknown:
+            raise ValueError(f"labels {unknown or labels} are not among this result's labels {self.labels}")
+        mean = sum(label_attention(self.attention, label) for label in labels) / len(labels)
+        return replace(self, attention=self.attention.assign(attention=mean))
+
+    @property
+    def per_label_attention(self) -> bool:
+        return any(column.startswith("attention:") for column in self.attention.columns)
 
     def to_dict(self) -> dict:
         return {
