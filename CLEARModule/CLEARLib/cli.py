@@ -120,6 +120,8 @@ def cmd_predict(args) -> int:
     if args.out:
         check_output_folder(args.out)  # before minutes of encoding
     predictor = CasePredictor(args.model, **encoder_options(args))
+    if args.attention_of is not None and args.attention_of not in predictor.labels:
+        raise CLEARInputError(f"--attention-of {args.attention_of}: the bundle's labels are {predictor.labels}")
     started = time.perf_counter()
     volume = _read(args)
     read_s = time.perf_counter() - started
@@ -130,20 +132,21 @@ def cmd_predict(args) -> int:
     summary["bundle_sha256"] = predictor.bundle.manifest.weights.sha256
     print(json.dumps(summary, indent=2))
     if args.out:
+        shown = result if args.attention_of is None else result.for_labels(args.attention_of)  # what is drawn
         with staged_outputs(args.out) as out:  # the set appears whole, or not at all
             write_json(out / "predictions.json", summary)
             probabilities = pd.DataFrame({"label": result.labels, "probability": result.probabilities.values()})
             write_csv(out / "predictions.csv", probabilities)
             write_csv(out / "attention.csv", result.attention)
-            title = f"{Path(args.path).name}: attention"
-            write_atomic(out / "attention.png", attention_plot_png(result.attention, title=title))
-            write_atomic(out / "top_slices.png", top_slices_png(volume, result.attention, predictor.bundle.windows))
+            title = f"{Path(args.path).name}: attention" + (f" for {args.attention_of}" if args.attention_of else "")
+            write_atomic(out / "attention.png", attention_plot_png(shown.attention, title=title))
+            write_atomic(out / "top_slices.png", top_slices_png(volume, shown.attention, predictor.bundle.windows))
         written = "predictions.json, predictions.csv, attention.csv, attention.png, top_slices.png"
         if not args.no_slice_view and importlib.util.find_spec("slicer") is not None:
             # after the results are in place: the render adds a picture, it cannot cost them
             from .render import render_case_view
 
-            render_case_view(volume, result, Path(args.out) / "slice_view.png", predictor.bundle.windows[0])
+            render_case_view(volume, shown, Path(args.out) / "slice_view.png", predictor.bundle.windows[0])
             written += ", slice_view.png (Slicer's Red view at the most attended slice)"
         print(f"wrote {written} to {args.out}", file=sys.stderr)
     return 0
@@ -315,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-slice-view",
         action="store_true",
         help="skip slice_view.png (Slicer's Red view at the most attended slice, drawn when slicer-core is installed)",
+    )
+    predict.add_argument(
+        "--attention-of",
+        metavar="LABEL",
+        help="draw the pictures with this label's attention (bundles with one attention per label; default: the "
+        "labels' mean)",
     )
     predict.add_argument("--device", default="auto", help="auto, cpu or gpu")
     predict.add_argument("--batch-size", type=int, help="instances per encoder batch (default: by device)")

@@ -271,6 +271,27 @@ def test_cli_predict_writes_results(tmp_path, phantom, tiny_case_bundle, capsys)
     assert list(pd.read_csv(out / "predictions.csv").label) == ["liver", "lung", "bone"]
 
 
+def test_cli_predict_draws_one_labels_attention_when_asked(tmp_path, phantom, tiny_per_label_bundle, capsys):
+    volume, _ = phantom
+    ct = write_volume(volume, tmp_path / "ct.nii.gz")
+    command = ["predict", str(ct), "--model", str(tiny_per_label_bundle), "--device", "cpu", "--no-slice-view"]
+    assert main([*command, "--out", str(tmp_path / "all")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    result = CasePredictor(tiny_per_label_bundle, device="cpu").predict(volume)
+    for label in ("liver", "lung", "bone"):
+        expected = result.top_slices(5, label=label)
+        assert [row["slice_index"] for row in summary["top_slices_by_label"][label]] == list(expected.slice_index)
+    assert main([*command, "--out", str(tmp_path / "lung"), "--attention-of", "lung"]) == 0
+    capsys.readouterr()
+    attention = pd.read_csv(tmp_path / "lung" / "attention.csv")
+    assert {"attention", "attention:liver", "attention:lung", "attention:bone"} <= set(attention.columns)
+    for picture in ("attention.png", "top_slices.png"):  # drawn from the lung label's attention, not the mean
+        assert (tmp_path / "lung" / picture).read_bytes() != (tmp_path / "all" / picture).read_bytes()
+    assert main([*command, "--out", str(tmp_path / "x"), "--attention-of", "spleen"]) == 2
+    assert "--attention-of spleen: the bundle's labels are ['liver', 'lung', 'bone']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_attention_is_shown_as_a_multiple_of_uniform(tiny_case_bundle, phantom):
     from CLEARLib.outputs import attention_plot_png, relative_attention
 

@@ -64,6 +64,15 @@ class CaseResult:
             "task": self.task,
             "probabilities": self.probabilities,
             "top_slices": self.top_slices(5).to_dict(orient="records"),
+            **(
+                {
+                    "top_slices_by_label": {
+                        label: self.for_labels(label).top_slices(5).to_dict("records") for label in self.labels
+                    }
+                }
+                if self.per_label_attention
+                else {}
+            ),
             "n_instances": int(len(self.attention)),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "runtime": self.runtime,
