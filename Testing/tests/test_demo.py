@@ -96,4 +96,7 @@ def test_demo_end_to_end(tmp_path):
     result = CasePredictor(case_bundle, device="cpu").predict(read_ct(cases[0]["path"]))
     for label in LABELS:
         assert result.probabilities[label] == pytest.approx(cases[0]["probabilities"][label], abs=1e-4)
-    assert int(result.top_slices(1).slice_index.iloc[0]) == cases[0]["top_slice"]
+    # the top slice is the most attended under the attention of the labels the CT is positive for
+    assert case_bundle.manifest.head.kwargs["per_label_attention"] is True
+    positive = [label for label in LABELS if cases[0]["truth"][label]] or LABELS
+    assert int(result.for_labels(positive).top_slices(1).slice_index.iloc[0]) == cases[0]["top_slice"]
