@@ -421,3 +421,49 @@ def test_a_full_disk_stops_extraction_cleanly_and_a_rerun_after_freeing_space_fi
         assert report["skipped"] == [c.removesuffix(".h5") for c in written] and len(report["done"]) == 6 - len(written)
     finally:
         subprocess.run(["umount", str(full)], capture_output=True)
+
+
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_metrics_match_sklearn(task):
+    """CLEAR's AUROC, AP and F1 (written out for the bootstrap's speed) against scikit-learn's on the same
+    inputs: small and larger cohorts, tied scores, and a bootstrap's resampled cases."""
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+    from clear_training.metrics import bootstrap_ci, label_matrix, per_label_metrics
+
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    compared = 0
+    for n in (5, 12, 40, 300):
+        for decimals in (1, 2, 8):  # rounding makes ties
+            if task == "multiclass":
+                y = rng.integers(0, 3, n)
+                prob = rng.dirichlet(np.ones(3), n).round(decimals)
+                predicted = np.eye(3, dtype=int)[prob.argmax(1)]
+            else:
+                y = rng.integers(0, 2, (n, 3))
+                prob = rng.random((n, 3)).round(decimals)
+                predicted = (prob >= 0.5).astype(int)
+            truth = label_matrix(y, task, 3)
+            ours = per_label_metrics(y, prob, task, labels)
+            for j, label in enumerate(labels):
+                t, p = truth[:, j], prob[:, j]
+                assert ours[label]["f1"] == pytest.approx(f1_score(t, predicted[:, j], zero_division=0))
+                if 0 < t.sum() < n:
+                    assert ours[label]["auroc"] == pytest.approx(roc_auc_score(t, p), abs=1e-12)
+                    assert ours[label]["auprc"] == pytest.approx(average_precision_score(t, p), abs=1e-12)
+                    compared += 1
+                else:
+                    assert np.isnan(ours[label]["auroc"]) and np.isnan(ours[label]["auprc"])
+    assert compared >= 30
+    # The bootstrap's intervals are the percentiles of scikit-learn's metrics over the same draws.
+    y = rng.integers(0, 2, (16, 3)) if task == "multilabel" else rng.integers(0, 3, 16)
+    prob = rng.random((16, 3)).round(1)
+    ci = bootstrap_ci(y, prob, task, labels, n_boot=50, seed=3)
+    draws, truth = np.random.default_rng(3), label_matrix(y, task, 3)
+    aurocs = []
+    for _ in range(50):
+        idx = draws.integers(0, 16, 16)
+        t, p = truth[idx, 0], prob[idx, 0]
+        aurocs.append(roc_auc_score(t, p) if 0 < t.sum() < 16 else np.nan)
+    assert ci["a"]["auroc"] == pytest.approx([np.nanpercentile(aurocs, 2.5), np.nanpercentile(aurocs, 97.5)])
