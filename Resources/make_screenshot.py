@@ -41,7 +41,8 @@ def main() -> None:
     case = next((c for c in cases if c["top_slice_on_lesion"]), cases[0])
     volume = read_ct(case["path"])
     predictor = CasePredictor(summary["case_bundle"], device="cpu")
-    result = predictor.predict(volume)
+    # under the attention of the labels the CT is positive for, as the demo's report shows it
+    result = predictor.predict(volume).for_labels([label for label, truth in case["truth"].items() if truth])
     with tempfile.TemporaryDirectory() as tmp:
         view = render_case_view(
             volume, result, Path(tmp) / "view.png", predictor.bundle.windows[0], seed_lps=case["lesions_lps"][0]

@@ -32,19 +32,25 @@ from CLEARLib.progress import ProgressBar
 LABELS = ["liver", "lung"]
 # Held-out design: every label has positives and negatives, and some CTs have both or neither.
 HELDOUT_PATTERN = [("liver",), ("lung",), ("liver", "lung"), ()]
+# Training CT i is drawn from seed 1000 + i, held-out CT j from HELDOUT_SEED + j: the held-out set is the same
+# whatever the number of training CTs, so runs of different sizes are scored on the same CTs.
+HELDOUT_SEED = 9000
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    cases: int = 96
+    # 128 training CTs rather than 96, paid for by fewer pretraining steps (2,000 rather than 2,400) and lesion
+    # epochs (4 rather than 6): the MIL learns from the CTs' labels alone, and more of them found the nodules
+    # (measured: internal test AUROC lung 0.89 -> 0.96, liver 0.94 both; hit rate 0.75 -> 0.92)
+    cases: int = 128
     heldout: int = 16
     matrix: int = 96
     image_size: int = 64
-    pretrain_steps: int = 2400
+    pretrain_steps: int = 2000
     mil_epochs: int = 200
     mil_lr: float = 1e-3
     folds: int = 4
-    lesion_epochs: int = 6
+    lesion_epochs: int = 4
     stability: int = 20
 
 
@@ -84,7 +90,8 @@ def _write_cohort(data: Path, size: DemoSize) -> dict:
     n_slices = 0
     for i in range(size.cases + size.heldout):
         organs = _organs(i, size, rng)
-        volume, lesions = make_ct_like_case(1000 + i, organs, matrix=size.matrix)
+        seed = 1000 + i if i < size.cases else HELDOUT_SEED + i - size.cases
+        volume, lesions = make_ct_like_case(seed, organs, matrix=size.matrix)
         truth = {label: int(label in organs) for label in LABELS}
         if i >= size.cases:
             case = f"heldout{i - size.cases:02d}"
@@ -616,9 +623,10 @@ the slices that cut a lesion{render_note if render else ""}.</p>
 extension</a>), load <code>{html.escape(str(heldout[0]["path"]))}</code> (drag it onto Slicer), open the CLEAR
 module, in <i>Case prediction</i> set <i>Local bundle</i> to
 <code>{html.escape(str(out / "bundles" / "demo-lesion-location.zip"))}</code> and press <i>Run</i>: the probabilities
-appear under <i>Predictions</i>, the attention curve beside the slice views (click it to jump to a slice). For a
-lesion: in <i>Lesion</i> set <i>Lesion bundle</i> to <code>bundles/demo-lesion.zip</code>, place the seed on a lesion
-with <i>Place</i> and press <i>Run lesion model</i>.</li>
+appear under <i>Predictions</i>, the attention curve beside the slice views (click it to jump to a slice; <i>Attention
+of</i> shows one label's attention). For a lesion: in <i>Lesion</i> set <i>Lesion bundle</i> to
+<code>bundles/demo-lesion.zip</code>, place the seed on a lesion with <i>Place</i> and press
+<i>Run lesion model</i>.</li>
 <li><b>Your own CT</b>: <code>clear-ct predict YOUR_CT
 --model {html.escape(str(out / "bundles" / "demo-lesion-location.zip"))} --out result/</code>
 (README: <a href="{link}command-line">Command line</a>) shows the outputs on your CT, but the demo's models
