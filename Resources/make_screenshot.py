@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from clear_training.demo import finding_attention  # noqa: E402
 from CLEARLib.inference import CasePredictor  # noqa: E402
 from CLEARLib.io import read_ct  # noqa: E402
 from CLEARLib.outputs import attention_plot_png  # noqa: E402
@@ -41,8 +42,7 @@ def main() -> None:
     case = next((c for c in cases if c["top_slice_on_lesion"]), cases[0])
     volume = read_ct(case["path"])
     predictor = CasePredictor(summary["case_bundle"], device="cpu")
-    # under the attention of the labels the CT is positive for, as the demo's report shows it
-    result = predictor.predict(volume).for_labels([label for label, truth in case["truth"].items() if truth])
+    result = finding_attention(case, predictor.predict(volume))  # as the demo's report shows it
     with tempfile.TemporaryDirectory() as tmp:
         view = render_case_view(
             volume, result, Path(tmp) / "view.png", predictor.bundle.windows[0], seed_lps=case["lesions_lps"][0]

@@ -185,7 +185,7 @@ def _heldout_metrics(heldout: list[dict], results: list, seed: int = 0) -> dict:
     }
 
 
-def _finding_attention(case: dict, result):
+def finding_attention(case: dict, result):
     """The result as seen through the attention of the labels the CT is positive for (the bundle has one
     attention per label): where the model looked for what the CT has."""
     return result.for_labels([label for label in LABELS if case["truth"][label]] or LABELS)
@@ -197,7 +197,7 @@ def _attention_on_lesions(heldout: list[dict], results: list) -> None:
     None for a CT without a lesion)."""
     for case, result in zip(heldout, results, strict=True):
         case["lesion_slices"] = lesion_slices(case["volume"], case["lesions"])
-        case["top_slice"] = int(_finding_attention(case, result).top_slices(1).slice_index.iloc[0])
+        case["top_slice"] = int(finding_attention(case, result).top_slices(1).slice_index.iloc[0])
         near = [abs(case["top_slice"] - k) <= 1 for k in case["lesion_slices"]]
         case["on_lesion"] = any(near) if near else None
 
@@ -515,7 +515,7 @@ def _report(
         z = case["volume"].slice_positions_mm
         marks = [float(z[k]) for k in case["lesion_slices"]]
         title = f"{name}: " + ", ".join(f"{les.organ} r {les.radius_mm:.0f} mm" for les in case["lesions"])
-        finding = _finding_attention(case, result)
+        finding = finding_attention(case, result)
         write_atomic(figures / f"attention-{name}.png", attention_plot_png(finding.attention, title, marks))
         view = ""
         if render:

@@ -28,7 +28,7 @@ from CLEARLib.files import (
     write_json,
 )
 from CLEARLib.inference.runtime import autocast, resolve_device
-from CLEARLib.models import ABMIL, ABMILEnsemble, attention_columns, label_attention, probabilities
+from CLEARLib.models import ABMIL, ABMILEnsemble, attention_columns, attention_of_labels, probabilities
 from CLEARLib.outputs import attention_plot_png, figure_png
 from CLEARLib.progress import report, scaled
 
@@ -520,8 +520,7 @@ def _write_attention(bags: Bags, index, prob, attention, config: MilConfig, out:
     for j, label in enumerate(bags.labels):
         for rank in np.argsort(-prob[:, j])[: config.evaluation.attention_plots]:
             case = bags.case_ids[index[rank]]
-            rows = table[table.case_id == case]
-            rows = rows.assign(attention=label_attention(rows, label))  # the curve of this label's attention
+            rows = attention_of_labels(table[table.case_id == case], [label])  # the curve of this label's attention
             png = attention_plot_png(rows, title=f"{case}: p({label}) = {prob[rank, j]:.2f}")
             write_atomic(plots / f"{label}_{case}.png", png)
 

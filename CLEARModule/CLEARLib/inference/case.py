@@ -15,7 +15,7 @@ import torch
 from ..bundle import Bundle, load_bundle
 from ..errors import CLEARInputError
 from ..io import CTVolume, read_ct
-from ..models.abmil import attention_columns, head_probabilities, label_attention
+from ..models.abmil import attention_columns, attention_of_labels, head_probabilities
 from ..preprocess import SliceInstances
 from ..progress import ProgressCallback, report
 from .backends import SliceEncoderRunner
@@ -38,10 +38,11 @@ class CaseResult:
 
     def top_slices(self, k: int = 5, window: str | None = None, label: str | None = None) -> pd.DataFrame:
         """The k instances with the highest attention (optionally of one window, and of one label's attention
-        where the head has per-label attention), highest first."""
+        where the head has per-label attention: `attention` then holds that label's), highest first."""
+        if label is not None:
+            return self.for_labels(label).top_slices(k, window)
         table = self.attention if window is None else self.attention[self.attention.window == window]
-        order = (table["attention"] if label is None else label_attention(table, label)).to_numpy()
-        return table.iloc[np.argsort(-order, kind="stable")[:k]].reset_index(drop=True)
+        return table.sort_values("attention", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
     def for_labels(self, labels) -> CaseResult:
         """This result with its `attention` column replaced by the mean attention of `labels` (each label's own
@@ -51,8 +52,7 @@ class CaseResult:
         unknown = sorted(set(labels) - set(self.labels))
         if not labels or unknown:
             raise ValueError(f"labels {unknown or labels} are not among this result's labels {self.labels}")
-        mean = sum(label_attention(self.attention, label) for label in labels) / len(labels)
-        return replace(self, attention=self.attention.assign(attention=mean))
+        return replace(self, attention=attention_of_labels(self.attention, labels))
 
     @property
     def per_label_attention(self) -> bool:
@@ -67,7 +67,7 @@ class CaseResult:
             **(
                 {
                     "top_slices_by_label": {
-                        label: self.for_labels(label).top_slices(5).to_dict("records") for label in self.labels
+                        label: self.top_slices(5, label=label).to_dict("records") for label in self.labels
                     }
                 }
                 if self.per_label_attention

@@ -1,6 +1,15 @@
 """Models: slice encoders (MambaOut, ViT with conv stem, VMamba), the FMCIB lesion encoder, ABMIL and heads."""
 
-from .abmil import ABMIL, TASKS, ABMILEnsemble, LinearHead, attention_columns, label_attention, probabilities
+from .abmil import (
+    ABMIL,
+    TASKS,
+    ABMILEnsemble,
+    LinearHead,
+    attention_columns,
+    attention_of_labels,
+    label_attention,
+    probabilities,
+)
 from .encoders import (
     IMAGENET_SPEC,
     create_encoder,
@@ -18,6 +27,7 @@ __all__ = [
     "TASKS",
     "LinearHead",
     "attention_columns",
+    "attention_of_labels",
     "create_encoder",
     "cuda_kernel_available",
     "encoder_entry",

@@ -107,6 +107,12 @@ def label_attention(table, label: str):
     return table[f"attention:{label}"] if f"attention:{label}" in table else table["attention"]
 
 
+def attention_of_labels(table, labels):
+    """The table with its `attention` column replaced by the mean of these labels' attention: what a plot, an
+    overlay or a ranking of one label (or of a case's positive labels) shows."""
+    return table.assign(attention=sum(label_attention(table, label) for label in labels) / len(labels))
+
+
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     if task in ("multilabel", "binary"):
         return torch.sigmoid(logits)
