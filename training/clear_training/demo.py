@@ -39,18 +39,20 @@ HELDOUT_SEED = 9000
 
 @dataclass(frozen=True)
 class DemoSize:
-    # 128 training CTs rather than 96, paid for by fewer pretraining steps (2,000 rather than 2,400) and lesion
-    # epochs (4 rather than 6): the MIL learns from the CTs' labels alone, and more of them found the nodules
-    # (measured: internal test AUROC lung 0.89 -> 0.96, liver 0.94 both; hit rate 0.75 -> 0.92)
-    cases: int = 128
-    heldout: int = 16
+    # 192 training CTs: the MIL learns from the CTs' labels alone, and LeCL's key slices then cover more lesions
+    # (measured on the same 48 held-out CTs at 2,000 steps, against 128 CTs: AUROC liver 0.77 -> 0.93, lung 0.92
+    # and 0.91). 48 held-out CTs rather than 16: the 128-CT model scored liver 0.67 on the first 16 and 0.77 on
+    # all 48, so 16 could not tell a better run from a worse one. Two lesion epochs over the larger set still put
+    # 81 of 82 held-out lesions in the right organ.
+    cases: int = 192
+    heldout: int = 48
     matrix: int = 96
     image_size: int = 64
     pretrain_steps: int = 2000
     mil_epochs: int = 200
     mil_lr: float = 1e-3
     folds: int = 4
-    lesion_epochs: int = 4
+    lesion_epochs: int = 2
     stability: int = 20
 
 
