@@ -182,6 +182,9 @@ def test_finetuning_from_the_pretrained_bundle(seed_table, capsys):
     init = export_lesion_bundle(seed_table / "pre" / "last.pt", seed_table / "pre.zip")
     config = _config(seed_table, "tune", run__epochs=4, optim__name="sgd", optim__lr=0.5, model__init_bundle=str(init))
     tuner = LesionFinetuner(config)
+    # Its cache holds the lesion's region alone (no background regions), the same region the pretrainer cut.
+    assert np.load(tuner.cache[0]).shape == (1, 70, 70, 70)
+    np.testing.assert_array_equal(np.load(tuner.cache[0])[0], np.load(pretrained.cache[0])[0])
     torch.testing.assert_close(tuner.model.encoder.trunk.conv1.weight, load_bundle(init).encoder.trunk.conv1.weight)
     history = tuner.fit()
     assert len(history) == 4 * 2 and "accuracy" in history[0]

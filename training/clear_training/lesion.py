@@ -39,6 +39,8 @@ def _background_centres(volume, seed_lps, n: int, rng) -> list[np.ndarray]:
     first, last = volume.index_to_lps([0, 0, 0]), volume.index_to_lps(np.array(volume.shape, dtype=float) - 1)
     lo, hi = np.minimum(first, last), np.maximum(first, last)
     centres = []
+    if not n:
+        return centres
     for _ in range(1000 * n):
         c = rng.uniform(lo, hi)
         if np.max(np.abs(c - seed_lps)) >= PATCH:
@@ -48,11 +50,15 @@ def _background_centres(volume, seed_lps, n: int, rng) -> list[np.ndarray]:
     raise CLEARInputError("the scan is too small for background patches that do not overlap the lesion")
 
 
-def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> list[Path]:
-    """One .npy per seed: [1 + negatives, S, S, S] normalised regions, S = 50 + 2 * margin (cached once)."""
+def build_region_cache(
+    seeds: pd.DataFrame, data: LesionData, seed: int = 0, negatives: int | None = None
+) -> list[Path]:
+    """One .npy per seed: [1 + negatives, S, S, S] normalised regions, S = 50 + 2 * margin (cached once): the
+    lesion's, then `negatives` background ones (data.negatives_per_seed unless given)."""
     from CLEARLib.io import read_ct
     from CLEARLib.preprocess import extract_lesion_patch
 
+    negatives = data.negatives_per_seed if negatives is None else negatives
     size = PATCH + 2 * data.margin
     cache = Path(data.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -61,7 +67,7 @@ def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> 
         volume = None
         for i, row in rows.iterrows():
             key = hashlib.sha256(
-                f"{image_path}|{row.coordX:.3f}|{row.coordY:.3f}|{row.coordZ:.3f}|{size}|{data.negatives_per_seed}|{seed}".encode()
+                f"{image_path}|{row.coordX:.3f}|{row.coordY:.3f}|{row.coordZ:.3f}|{size}|{negatives}|{seed}".encode()
             ).hexdigest()[:20]
             target = cache / f"{key}.npy"
             paths.append((i, target))
@@ -70,7 +76,7 @@ def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> 
             volume = volume or read_ct(image_path)
             seed_lps = np.array([row.coordX, row.coordY, row.coordZ], dtype=float)
             rng = np.random.default_rng([seed, int(i)])
-            centres = [seed_lps, *_background_centres(volume, seed_lps, data.negatives_per_seed, rng)]
+            centres = [seed_lps, *_background_centres(volume, seed_lps, negatives, rng)]
             regions = np.stack([extract_lesion_patch(volume, c, size=size) for c in centres])
             write_npy(target, regions.astype(np.float32))
     return [p for _, p in sorted(paths)]
@@ -78,6 +84,8 @@ def build_region_cache(seeds: pd.DataFrame, data: LesionData, seed: int = 0) -> 
 
 # -------------------------------------------------------------------------------------- trainers
 class LesionPretrainer(DistributedTrainer):
+    cached_negatives: int | None = None  # data.negatives_per_seed: FMCIB's loss contrasts lesions with background
+
     @property
     def loss(self) -> LesionContrastiveLoss:
         return LesionContrastiveLoss.from_config(self.config.method)
@@ -88,7 +96,7 @@ class LesionPretrainer(DistributedTrainer):
 
     def prepare_data(self) -> int:
         self.seeds = read_seed_table(self.config.data.seeds)
-        self.cache = build_region_cache(self.seeds, self.config.data, self.config.run.seed)
+        self.cache = build_region_cache(self.seeds, self.config.data, self.config.run.seed, self.cached_negatives)
         return len(self.cache)
 
     def build_model(self) -> nn.Module:
@@ -118,6 +126,7 @@ class LesionPretrainer(DistributedTrainer):
 
 class LesionFinetuner(LesionPretrainer):
     views_per_item = 1
+    cached_negatives = 0  # fine-tuning reads the lesion's region only; background regions would cost 4x its cache
 
     def prepare_data(self) -> int:
         n = super().prepare_data()
