@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from clear_training.demo import LABELS, SMALL, lesion_slices, run_demo
+from clear_training.demo import HELDOUT_SEED, LABELS, SMALL, DemoSize, _write_cohort, lesion_slices, run_demo
 from CLEARLib.bundle import load_bundle
 from CLEARLib.inference import CasePredictor
 from CLEARLib.io import read_ct
@@ -38,6 +38,21 @@ def test_ct_like_cases_vary_and_put_lesions_inside_their_organ():
     assert len(shapes) > 3 and len({s[2] for s in spacings}) > 1  # slice counts and thickness vary
     with pytest.raises(ValueError, match="no lesions in"):
         make_ct_like_case(0, ("brain",))
+
+
+def test_cohort_made_in_worker_processes_is_the_seeds_cohort(tmp_path):
+    """The CTs come from a process pool; each file and table row is still its own seed's CT, in order."""
+    cohort = _write_cohort(tmp_path, DemoSize(cases=3, heldout=2))
+    clinical = cohort["clinical"]
+    assert list(clinical.case_id) == ["case000", "case001", "case002"]
+    for i, row in clinical.iterrows():
+        organs = tuple(label for label in LABELS if row[label])
+        volume, _ = make_ct_like_case(1000 + i, organs)
+        assert np.array_equal(read_ct(tmp_path / f"{row.case_id}.nii").hu, volume.hu)
+    for j, case in enumerate(cohort["heldout"]):
+        volume, lesions = make_ct_like_case(HELDOUT_SEED + j, tuple(k for k, v in case["truth"].items() if v))
+        assert case["case"] == f"heldout{j:02d}" and np.array_equal(case["volume"].hu, volume.hu)
+        assert np.array_equal(read_ct(case["path"]).hu, volume.hu) and case["lesions"] == lesions
 
 
 def test_demo_end_to_end(tmp_path):
@@ -76,7 +91,7 @@ def test_demo_end_to_end(tmp_path):
         assert 0 < held["positives"][label] < held["n"]  # positives and negatives for every label
     assert 0 <= written["attention"]["top_slice_hit_rate"] <= 1
     assert 0 <= written["lesion"]["heldout_accuracy"] <= 1 and written["lesion"]["n"] > 0
-    assert written["wall_s"] > 0
+    assert written["wall_s"] > 0 and written["seed"] == 0
     # Every held-out CT with a lesion has its attention picture and Slicer's rendered slice view.
     cases = written["heldout_cases"]
     positives = [case for case in cases if case["lesion_slices"]]

@@ -186,7 +186,7 @@ def cmd_demo(args) -> int:
 
     from .demo import SMALL, DemoSize, run_demo
 
-    summary = run_demo(args.out, SMALL if args.small else DemoSize(), quiet=args.quiet)
+    summary = run_demo(args.out, SMALL if args.small else DemoSize(), quiet=args.quiet, seed=args.seed)
     print(f"\nreport: {Path(summary['report']).resolve()}")
     print(f"bundles: {summary['case_bundle']}, {summary['lesion_bundle']}, {summary['encoder_bundle']}")
     return 0
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="CLEAR end to end on synthetic CTs, with an HTML report (make demo)")
     p.add_argument("--out", default="clear-output/demo", help="output folder (report in report/index.html)")
     p.add_argument("--small", action="store_true", help="a shorter lesion-model run, as the tests use")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the trainings; the CTs are the same for every seed (default 0)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="pretraining checkpoint -> encoder bundle for the engine")

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import html
 import importlib.util
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,47 +83,71 @@ def _yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def _short_run(name: str, out_dir: Path, epochs: int) -> dict:
+def _short_run(name: str, out_dir: Path, epochs: int, seed: int) -> dict:
     """The run section of the demo's short trainings: no warm-up, a log line every 5 steps."""
-    return {"name": name, "out_dir": str(out_dir), "epochs": epochs, "warmup_epochs": 0, "log_every_steps": 5}
+    return {
+        "name": name,
+        "out_dir": str(out_dir),
+        "epochs": epochs,
+        "warmup_epochs": 0,
+        "log_every_steps": 5,
+        "seed": seed,
+    }
+
+
+def _make_case(job: tuple[int, tuple[str, ...], int, Path]):
+    """One CT of the cohort, drawn from its seed and written (a worker process's job)."""
+    seed, organs, matrix, path = job
+    volume, lesions = make_ct_like_case(seed, organs, matrix=matrix)
+    write_volume(volume, path)
+    return volume, lesions
 
 
 def _write_cohort(data: Path, size: DemoSize) -> dict:
     """The CTs, the training tables (cohort, labels, key slices for LeCL, lesion seeds) and the held-out truth."""
     rng = np.random.default_rng(0)
-    cohort, clinical, keys, seeds, heldout = [], [], [], [], []
-    n_slices = 0
+    cases = []  # (name, organs, seed, path): the draws stay in this process, so a case is the same however made
     for i in range(size.cases + size.heldout):
         organs = _organs(i, size, rng)
-        seed = 1000 + i if i < size.cases else HELDOUT_SEED + i - size.cases
-        volume, lesions = make_ct_like_case(seed, organs, matrix=size.matrix)
-        truth = {label: int(label in organs) for label in LABELS}
-        if i >= size.cases:
-            case = f"heldout{i - size.cases:02d}"
-            path = write_volume(volume, data / "heldout" / f"{case}.nii.gz")
-            heldout.append({"case": case, "path": path, "volume": volume, "lesions": lesions, "truth": truth})
-            continue
-        case = f"case{i:03d}"
-        path = write_volume(volume, data / f"{case}.nii.gz")
-        cohort.append({"case_id": case, "path": path.name, "patient_id": f"patient{i:03d}"})
-        n_slices += volume.hu.shape[0]
-        clinical.append({"case_id": case, "patient_id": f"patient{i:03d}", **truth})
-        for lesion in lesions:
-            centre = volume.lps_to_index(lesion.center_lps)
-            r = lesion.radius_mm / volume.spacing[0]
-            keys.append(
-                {
-                    "case_id": case,
-                    "key_slice_index": int(round(centre[0])),
-                    "x1": centre[2] - r,
-                    "y1": centre[1] - r,
-                    "x2": centre[2] + r,
-                    "y2": centre[1] + r,
-                    "lesion_type": 4 if lesion.organ == "liver" else 5,  # DeepLesion's liver and lung types
-                }
-            )
-            x, y, z = lesion.center_lps
-            seeds.append({"image_path": path.name, "coordX": x, "coordY": y, "coordZ": z, "label": lesion.organ})
+        # Uncompressed NIfTI: the pipeline reads each training CT three or four times (store, two feature
+        # extractions, lesion regions), and gzip cost about 35 ms a write and 30 ms a read per CT here.
+        if i < size.cases:
+            cases.append((f"case{i:03d}", organs, 1000 + i, data / f"case{i:03d}.nii"))
+        else:
+            j = i - size.cases
+            cases.append((f"heldout{j:02d}", organs, HELDOUT_SEED + j, data / "heldout" / f"heldout{j:02d}.nii"))
+    # One process per core: a CT is about 0.1 s of single-threaded numpy drawing, the rest SimpleITK's filters.
+    # Spawned, not forked: the parent has torch's thread pools, which a fork does not carry safely.
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        made = pool.map(_make_case, [(seed, organs, size.matrix, path) for _, organs, seed, path in cases])
+        cohort, clinical, keys, seeds, heldout = [], [], [], [], []
+        n_slices = 0
+        for (case, organs, _, path), (volume, lesions) in zip(cases, made, strict=True):
+            truth = {label: int(label in organs) for label in LABELS}
+            if case.startswith("heldout"):
+                heldout.append({"case": case, "path": path, "volume": volume, "lesions": lesions, "truth": truth})
+                continue
+            patient = case.replace("case", "patient")
+            cohort.append({"case_id": case, "path": path.name, "patient_id": patient})
+            n_slices += volume.hu.shape[0]
+            clinical.append({"case_id": case, "patient_id": patient, **truth})
+            for lesion in lesions:
+                centre = volume.lps_to_index(lesion.center_lps)
+                r = lesion.radius_mm / volume.spacing[0]
+                keys.append(
+                    {
+                        "case_id": case,
+                        "key_slice_index": int(round(centre[0])),
+                        "x1": centre[2] - r,
+                        "y1": centre[1] - r,
+                        "x2": centre[2] + r,
+                        "y2": centre[1] + r,
+                        "lesion_type": 4 if lesion.organ == "liver" else 5,  # DeepLesion's liver and lung types
+                    }
+                )
+                x, y, z = lesion.center_lps
+                seeds.append({"image_path": path.name, "coordX": x, "coordY": y, "coordZ": z, "label": lesion.organ})
     pd.DataFrame(clinical).to_csv(data / "clinical.csv", index=False)
     pd.DataFrame(keys).to_csv(data / "key_slices.csv", index=False)
     pd.DataFrame(seeds).to_csv(data / "seeds.csv", index=False)
@@ -128,7 +155,7 @@ def _write_cohort(data: Path, size: DemoSize) -> dict:
     return {"clinical": pd.DataFrame(clinical), "heldout": heldout, "n_lesions": len(seeds), "n_slices": n_slices}
 
 
-def _mil(name: str, out: Path, features: Path, table: Path, encoder_bundle: Path, size: DemoSize, progress):
+def _mil(name: str, out: Path, features: Path, table: Path, encoder_bundle: Path, size: DemoSize, seed: int, progress):
     """ABMIL cross-validation on one feature set, its fold ensemble exported as a case bundle."""
     from .config import MilConfig, load_config
     from .mil import run_mil
@@ -136,7 +163,7 @@ def _mil(name: str, out: Path, features: Path, table: Path, encoder_bundle: Path
     config = _yaml(
         out.parent / f"{name}.yaml",
         {
-            "run": {"name": name, "out_dir": str(out), "device": "cpu"},
+            "run": {"name": name, "out_dir": str(out), "device": "cpu", "seed": seed},
             "data": {
                 "features": str(features),
                 "table": str(table),
@@ -204,7 +231,9 @@ def _attention_on_lesions(heldout: list[dict], results: list) -> None:
         case["on_lesion"] = any(near) if near else None
 
 
-def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: bool = False) -> dict:
+def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: bool = False, seed: int = 0) -> dict:
+    """The whole demo into `out`. `seed` draws the trainings (initial weights, batches, views, MIL folds); the CTs
+    and the held-out set are the same whatever the seed, so runs with different seeds show the spread of training."""
     import torch
 
     from CLEARLib.inference import LesionPredictor
@@ -216,7 +245,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     from .lesion import LesionFinetuner
     from .pretrain import Trainer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     started = time.perf_counter()
     out = Path(out).resolve()  # the configs written below must not depend on the working directory
     data = out / "data"
@@ -241,7 +270,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     pretrain_cfg = _yaml(
         out / "pretrain.yaml",
         {
-            "run": _short_run("demo-encoder", out / "pretrain", epochs),
+            "run": _short_run("demo-encoder", out / "pretrain", epochs, seed),
             # Half of every batch is key slices, and their term weighs 3 (the paper's lambda range): with a
             # hundred-odd lesions among thousands of slices, three minutes of LeCL otherwise see too few of them
             # for lesion slices to stand out (measured: the MIL then finds neither label).
@@ -289,7 +318,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
         with ProgressBar("extract", quiet=quiet) as bar:
             extract(bundle, data / "cohort.csv", features, device="cpu", rank=0, world_size=1, progress=bar)
         with ProgressBar("mil", quiet=quiet) as bar:
-            mil[name] = _mil(name, out / f"mil-{name}", features, data / "clinical.csv", bundle, size, bar)
+            mil[name] = _mil(name, out / f"mil-{name}", features, data / "clinical.csv", bundle, size, seed, bar)
         timings[name] = time.perf_counter() - t
     (metrics, case_bundle), (baseline_metrics, baseline_bundle) = mil["demo-lesion-location"], mil["baseline"]
 
@@ -310,7 +339,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     lesion_cfg = _yaml(
         out / "lesion.yaml",
         {
-            "run": _short_run("demo-lesion", out / "lesion", size.lesion_epochs),
+            "run": _short_run("demo-lesion", out / "lesion", size.lesion_epochs, seed),
             "data": {"seeds": str(data / "seeds.csv"), "cache_dir": str(data / "lesion_cache")},
             "model": {
                 "encoder_kwargs": {"layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 16, 32], "widen_factor": 1.0}
@@ -376,6 +405,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
             "lecl": {k: metrics.get(k) for k in ("ensemble_test", "ensemble_test_ci95", "across_folds")},
             "baseline": {k: baseline_metrics.get(k) for k in ("ensemble_test", "ensemble_test_ci95", "across_folds")},
         },
+        "seed": seed,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "wall_s": round(time.perf_counter() - started, 1),
         "report": str(report),
