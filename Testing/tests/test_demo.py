@@ -61,6 +61,7 @@ def test_demo_end_to_end(tmp_path):
     for name in ("index.html", "cohort.png", "reliability.png", "stability.png", "roc.png"):
         assert (report / name).stat().st_size > 0, name
     page = (report / "index.html").read_text()
+    assert "training seed 0" in page  # which run of the trainings this report shows
     for heading in (
         "Held-out CTs",
         "baseline",

@@ -380,7 +380,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     t = time.perf_counter()
     report = _report(
         out, size, cohort, heldout, results, scores, baseline_scores, hits, metrics, baseline_metrics,
-        lesion_rows, stability, stability_case if stability else None, history, timings,
+        lesion_rows, stability, stability_case if stability else None, history, timings, seed,
     )  # fmt: skip
     timings["report"] = time.perf_counter() - t
     lesion_accuracy = float(np.mean([row["predicted"] == row["organ"] for row in lesion_rows])) if lesion_rows else None
@@ -516,7 +516,7 @@ def _split_rows(out: Path, name: str, clinical: pd.DataFrame, heldout_y: np.ndar
 
 def _report(
     out, size, cohort, heldout, results, scores, baseline_scores, hits, metrics, baseline_metrics,
-    lesion_rows, stability, stability_case, history, timings,
+    lesion_rows, stability, stability_case, history, timings, seed,
 ) -> Path:  # fmt: skip
     figures = out / "report"
     readme = Path(__file__).resolve().parents[2] / "README.md"  # the checkout's README, when there is one
@@ -623,7 +623,8 @@ vary; every CT has lung and liver vessels and some have calcifications (distract
 positions inside their organ. The task: does the
 CT have a liver lesion, a lung nodule? The pipeline is the real one with a small encoder: LeCL pretraining
 ({len(loss)} steps, loss {loss[0]:.2f} &rarr; {loss[-1]:.2f}), feature extraction, ABMIL cross-validation, a
-fold-ensemble case bundle. The held-out CTs were used by no step of training; they are scored by the exported
+fold-ensemble case bundle, all drawn from training seed {seed} (<code>clear-train demo --seed</code>; the CTs are
+the same for every seed). The held-out CTs were used by no step of training; they are scored by the exported
 bundle, as <code>clear-ct predict</code> scores a CT.</p>
 {_img("cohort.png")}
 <h2>Held-out CTs</h2>
