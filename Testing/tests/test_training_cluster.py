@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -209,6 +210,32 @@ def test_slurm_template_preemption_loses_no_finished_step_and_resumes_exactly(tm
     for name, tensor in expected.items():
         assert torch.equal(tensor, actual[name]), name
     print(json.dumps({"stop_after_signal_s": round(stop_seconds, 2), "steps_lost": 0}))
+
+
+def test_a_finished_two_process_run_leaves_no_gloo_thread_to_interpreter_shutdown(tmp_path, store):
+    """clear-train pretrain on two ranks, then the exit handlers: the process group's threads must be gone before
+    the interpreter is torn down. A gloo worker thread still alive then, freeing the run's last collective,
+    aborted the rank ("terminate called without an active exception", SIGABRT) in about one run in twenty
+    after the run had finished, and torchrun failed the job. It stayed alive when the group was left to
+    interpreter shutdown, or when the trainer's DistributedDataParallel outlived fit(), as it does when a
+    library's stored import error holds the frame the trainer lives in."""
+    config = _config(tmp_path, store, "ended", run__max_steps=3)
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, os, sys\n"
+        "from clear_training.cli import main\n"
+        "threads = len(os.listdir('/proc/self/task'))\n"
+        f"code = main(['-q', 'pretrain', '--config', {str(config)!r}])\n"
+        "atexit._run_exitfuncs()\n"
+        "print(f'exit {code}: threads {threads} before the run, {len(os.listdir(\"/proc/self/task\"))} after')\n"
+    )
+    port = _port_in(20000, 60000)
+    run = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node=2", "--max-restarts=0", f"--master-port={port}",
+                          str(script)], capture_output=True, text=True, timeout=180)  # fmt: skip
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and "terminate called" not in output, output
+    ends = re.findall(r"exit (\d+): threads (\d+) before the run, (\d+) after", run.stdout)
+    assert len(ends) == 2 and all(code == "0" and int(after) <= int(before) for code, before, after in ends), output
 
 
 def _can_bind_mount() -> bool:

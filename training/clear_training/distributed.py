@@ -7,6 +7,7 @@ alone has SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and needs MASTER_ADDR and MAST
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -55,7 +56,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if "MASTER_ADDR" not in os.environ:
             raise CLEARRunError("MASTER_ADDR is not set: launch with torchrun, or srun with the sbatch template")
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        atexit.register(leave_process_group)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group while the interpreter is still whole (init_distributed registers this with
+    atexit, so it runs after errors and preemption stops too). A gloo worker thread still alive at interpreter
+    shutdown may be freeing the last collective's tensors, which needs the GIL: the rank aborts ("terminate
+    called without an active exception", SIGABRT) after a finished run, and torchrun fails the job
+    (pytorch/pytorch#190489). The threads are joined only when nothing else holds the group, which is why
+    trainers drop their DistributedDataParallel when fit() ends."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

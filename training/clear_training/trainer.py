@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -168,11 +169,7 @@ class DistributedTrainer:
                 "model without batch norm (slice encoders: model.mlp_norm: none)"
             )
         self.model = model
-        self.ddp = (
-            DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.dist.enabled
-            else model
-        )
+        self.ddp = model  # the module train steps run: fit() puts DistributedDataParallel around it for its length
         optim = config.optim
         self.optimizer = build_optimizer(optim.name, model.parameters(), optim.weight_decay, optim.betas)
         self.amp = config.optim.amp and self.device.type == "cuda"
@@ -439,7 +436,7 @@ class DistributedTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._since_log = (time.perf_counter(), 0)  # when the last log record was written, views since then
         try:
-            with StopSignals() as signals:
+            with self._gradients_synchronised(), StopSignals() as signals:
                 while self.epoch < cfg.run.epochs:
                     if cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps:
                         break
@@ -451,6 +448,22 @@ class DistributedTrainer:
         finally:
             self.release_lock()
         return history
+
+    @contextmanager
+    def _gradients_synchronised(self):
+        """DistributedDataParallel around the model while fit() runs, not longer: a DDP that outlives the run (as
+        a trainer does when a stray traceback holds the frame it lives in) keeps the gloo process group and its
+        worker threads alive past leave_process_group, and a worker freeing a finished collective during
+        interpreter shutdown aborts the process."""
+        if not self.dist.enabled:
+            yield
+            return
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        try:
+            yield
+        finally:
+            self.ddp = self.model
 
     def _logged_step(self) -> dict:
         """One training step with its progress report, log record and scheduled checkpoint."""
