@@ -222,7 +222,7 @@ def test_a_finished_two_process_run_leaves_no_gloo_thread_to_interpreter_shutdow
     config = _config(tmp_path, store, "ended", run__max_steps=3)
     script = tmp_path / "rank.py"
     script.write_text(
-        "import atexit, os, sys\n"
+        "import atexit, os\n"
         "from clear_training.cli import main\n"
         "threads = len(os.listdir('/proc/self/task'))\n"
         f"code = main(['-q', 'pretrain', '--config', {str(config)!r}])\n"
