@@ -313,3 +313,34 @@ def test_ensemble_averages_member_probabilities_as_they_are(task):
     assert attention.shape == (2, 7) and torch.allclose(attention.sum(1), torch.ones(2))
     if task == "multiclass":
         torch.testing.assert_close(probs.sum(1), torch.ones(2))
+
+
+def test_label_windows_confine_each_labels_attention_to_the_instances_of_its_windows():
+    torch.manual_seed(0)
+    kwargs = {"hidden_dim": 6, "attention_dim": 3, "per_label_attention": True}
+    model = ABMIL(4, 2, windows=["abdomen", "lung"], label_windows=[["abdomen"], ["abdomen", "lung"]], **kwargs).eval()
+    free = ABMIL(4, 2, **kwargs).eval()
+    free.load_state_dict(model.state_dict())  # the same weights: the windows are arguments, not parameters
+    x = torch.randn(7, 4)
+    windows = model.window_index(["abdomen", "lung", "abdomen", "lung", "lung", "abdomen", "lung"])
+    abdomen = windows == 0
+    with torch.no_grad():
+        logits, attention = model(x, window_index=windows)
+        on_abdomen, _ = free(x[abdomen])
+        everything, free_attention = free(x)
+        moved, _ = model(torch.where(abdomen[:, None], x, x + 3.0), window_index=windows)
+    assert torch.all(attention[~abdomen, 0] == 0) and attention[abdomen, 0].sum() == pytest.approx(1.0)
+    torch.testing.assert_close(logits[0], on_abdomen[0])  # liver reads the abdomen window's instances alone
+    torch.testing.assert_close(logits[1], everything[1])  # lung reads every window, as without label_windows
+    torch.testing.assert_close(attention[:, 1], free_attention[:, 1])
+    assert moved[0] == logits[0] and moved[1] != logits[1]  # the lung window's features cannot move liver
+    with pytest.raises(ValueError, match="window_index"):
+        model(x)
+    with pytest.raises(ValueError, match="no instance of a label's windows"):
+        model(x[~abdomen], window_index=windows[~abdomen])
+    with pytest.raises(ValueError, match="does not read"):
+        model.window_index(["abdomen", "bone"])
+    with pytest.raises(ValueError, match="per_label_attention"):
+        ABMIL(4, 2, windows=["abdomen", "lung"], label_windows=[["abdomen"], ["lung"]])
+    with pytest.raises(ValueError, match="must name windows"):
+        ABMIL(4, 2, windows=["abdomen"], label_windows=[["abdomen"], ["lung"]], per_label_attention=True)

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from clear_training.config import MilConfig, load_config
+from clear_training.config import ConfigError, MilConfig, load_config
 from clear_training.extract import extract, feature_file, read_features, write_features
 from clear_training.mil import run_mil
 from CLEARLib.bundle import load_bundle, save_bundle
+from CLEARLib.errors import CLEARInputError
 from CLEARLib.inference import CasePredictor
 from CLEARLib.io import write_volume
 from CLEARLib.phantom import make_phantom
@@ -231,9 +232,51 @@ def test_mil_exports_an_ensemble_bundle_the_engine_runs(tmp_path, tiny_case_bund
     assert set(result.attention.window) == {"lung"}
 
 
-def test_mil_config_errors(tmp_path):
-    from clear_training.config import ConfigError
+def test_label_windows_reach_the_exported_bundle_and_the_engine_honours_them(tmp_path, tiny_case_bundle, phantom):
+    rows, clinical = [], []
+    for i in range(12):
+        volume, _ = make_phantom((6, 32, 32), (6.0, 6.0, 10.0), seed=i, noise_hu=5.0 + i)
+        rows.append({"case_id": f"c{i}", "path": str(write_volume(volume, tmp_path / f"c{i}.nrrd"))})
+        clinical.append({"case_id": f"c{i}", "patient_id": f"p{i}", "liver": i % 2, "lung": (i // 2) % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
+    pd.DataFrame(clinical).to_csv(tmp_path / "clinical.csv", index=False)
+    extract(tiny_case_bundle, tmp_path / "cohort.csv", tmp_path / "features", device="cpu", rank=0, world_size=1)
+    cfg = {
+        "run": {"name": "organs", "out_dir": str(tmp_path / "out"), "device": "cpu"},
+        "data": {
+            "features": str(tmp_path / "features"),
+            "table": str(tmp_path / "clinical.csv"),
+            "task": "multilabel",
+            "labels": ["liver", "lung"],
+            "folds": 2,
+            "test_fraction": 0.25,
+        },
+        "model": {"hidden_dim": 16, "attention_dim": 8, "per_label_attention": True},
+        "train": {"epochs": 2, "batch_size": 4},
+        "evaluation": {"bootstrap": 0, "attention_plots": 0},
+        "export": {"encoder_bundle": str(tiny_case_bundle)},
+    }
+    config_path = tmp_path / "organs.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="per_label_attention"):
+        overrides = ["model.per_label_attention=false", "model.label_windows={liver: [abdomen]}"]
+        load_config(config_path, overrides, MilConfig)
+    with pytest.raises(CLEARInputError, match=r"labels \['bone'\]"):
+        run_mil(load_config(config_path, ["model.label_windows={bone: [abdomen]}"], MilConfig))
+    metrics = run_mil(load_config(config_path, ["model.label_windows={liver: [abdomen]}"], MilConfig))
+    bundle = load_bundle(metrics["bundle"])
+    assert bundle.manifest.head.kwargs["label_windows"] == [["abdomen"], ["abdomen", "lung"]]
+    volume, _ = phantom
+    result = CasePredictor(bundle, device="cpu").predict(volume)
+    liver = result.attention["attention:liver"]
+    assert (liver[result.attention.window == "lung"] == 0).all()
+    assert liver[result.attention.window == "abdomen"].sum() == pytest.approx(1.0, abs=1e-5)
+    assert (result.attention["attention:lung"][result.attention.window == "lung"] > 0).all()
+    rescored = CasePredictor(bundle, device="cpu").rescore(result)
+    assert rescored.probabilities == pytest.approx(result.probabilities)
 
+
+def test_mil_config_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text(
         yaml.safe_dump(
             {

@@ -219,6 +219,17 @@ class MilModel(StrictModel):
         description="one attention per label, each label's logit from its own pooled vector (CLAM's multi-branch "
         "form); the paper's ABMIL shares one attention",
     )
+    label_windows: dict[str, list[str]] | None = Field(
+        None,
+        description="with per_label_attention: label -> the windows whose instances that label's attention reads "
+        "(e.g. liver: [abdomen], lung: [lung]); labels not named read every window",
+    )
+
+    @model_validator(mode="after")
+    def _label_windows(self):
+        if self.label_windows is not None and not self.per_label_attention:
+            raise ValueError("label_windows needs per_label_attention: true")
+        return self
 
 
 class MilTrain(StrictModel):

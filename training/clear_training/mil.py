@@ -114,16 +114,20 @@ class Bags:
         frequency = self.y.mean(0)
         return np.array([int(np.argmin(np.where(r > 0, frequency, np.inf))) if r.any() else -1 for r in self.y])
 
-    def batch(self, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded features [B, N_max, D] float32, mask [B, N_max], targets."""
+    def batch(self, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded features [B, N_max, D] float32, mask [B, N_max], targets, and each instance's window as an
+        index into `windows` [B, N_max]."""
         lengths = [len(self.features[i]) for i in index]
         x = torch.zeros(len(index), max(lengths), self.dim)
         mask = torch.zeros(len(index), max(lengths), dtype=torch.bool)
+        windows = torch.zeros(len(index), max(lengths), dtype=torch.long)
+        position = {w: k for k, w in enumerate(self.windows)}
         for row, i in enumerate(index):
             x[row, : lengths[row]] = self.features[i].float()
             mask[row, : lengths[row]] = True
+            windows[row, : lengths[row]] = torch.as_tensor([position[str(w)] for w in self.meta[i]["window"]])
         y = torch.as_tensor(self.y[index])
-        return x.to(device), mask.to(device), y.to(device)
+        return x.to(device), mask.to(device), y.to(device), windows.to(device)
 
 
 def read_test_patients(path: Path) -> set[str]:
@@ -250,11 +254,11 @@ def _predict(model, bags: Bags, index, device, batch_size: int, weights=None):
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             where = order[start : start + batch_size]
-            x, mask, y = bags.batch(index[where], device)
+            x, mask, y, windows = bags.batch(index[where], device)
             if isinstance(model, ABMILEnsemble):  # averaged probabilities: no logits, no loss
-                p, att = model(x, mask)
+                p, att = model(x, mask, windows)
             else:
-                logits, att = model(x, mask)
+                logits, att = model(x, mask, windows)
                 loss_sum += float(_loss(logits.float(), y, bags.task, weights)) * len(where)
                 p = probabilities(logits.float(), bags.task)
             p = p.float().cpu().numpy()
@@ -278,6 +282,25 @@ def length_bucketed_batches(bags: Bags, index: np.ndarray, batch_size: int, rng)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def abmil_kwargs(config: MilConfig, bags: Bags) -> dict:
+    """The ABMIL arguments of a config on these bags: `model.label_windows` becomes the windows each output reads
+    (every window of the bags for a label it does not name)."""
+    kwargs = config.model.model_dump(exclude={"label_windows"})
+    chosen = config.model.label_windows
+    if chosen is None:
+        return kwargs
+    unknown_labels = sorted(set(chosen) - set(bags.labels))
+    unknown_windows = sorted({w for names in chosen.values() for w in names} - set(bags.windows))
+    if unknown_labels or unknown_windows:
+        raise CLEARInputError(
+            f"model.label_windows names labels {unknown_labels} not among {bags.labels} or windows "
+            f"{unknown_windows} not among the features' {bags.windows}",
+            config.data.features,
+        )
+    label_windows = [chosen.get(label, bags.windows) for label in bags.labels]
+    return {**kwargs, "windows": bags.windows, "label_windows": label_windows}
+
+
 def train_fold(
     bags: Bags, train_idx, val_idx, config: MilConfig, seed: int, device, progress=None
 ) -> tuple[ABMIL, dict]:
@@ -285,8 +308,7 @@ def train_fold(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_out = len(bags.labels)
-    m = config.model
-    model = ABMIL(bags.dim, n_out, **m.model_dump()).to(device)
+    model = ABMIL(bags.dim, n_out, **abmil_kwargs(config, bags)).to(device)
     # With weight_decay 0 this is exactly Adam (the authors' optimiser).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     weights = class_balance_weights(bags, train_idx, device) if config.train.class_balanced else None
@@ -295,9 +317,9 @@ def train_fold(
         model.train()
         total = 0.0
         for part in length_bucketed_batches(bags, train_idx, config.train.batch_size, rng):
-            x, mask, y = bags.batch(part, device)
+            x, mask, y, windows = bags.batch(part, device)
             with autocast(device, "auto", enabled=config.train.amp):
-                logits, _ = model(x, mask)
+                logits, _ = model(x, mask, windows)
             loss = _loss(logits.float(), y, bags.task, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -371,6 +393,7 @@ def run_mil(config: MilConfig, bags: Bags | None = None, progress=None) -> dict:
     device = resolve_device(config.run.device)
     bags = bags if bags is not None else Bags(config.data)
     check_cohort_size(bags, config.data)  # before anything is computed or written
+    abmil_kwargs(config, bags)  # likewise: label_windows must name the bags' labels and windows
     check_output_folder(config.run.out_dir)
     remove_stale_temporaries(Path(config.run.out_dir).parent)
     encoder_bundle = _export_encoder(config, bags)
@@ -458,7 +481,7 @@ def _run_mil(config: MilConfig, bags: Bags, device, out: Path, encoder_bundle, p
                 evaluation_attention += test_att
         fold_reports.append({"fold": name, **fold_report})
         members.append(model.state_dict())
-    ensemble = ABMILEnsemble(bags.dim, len(labels), len(members), task, **config.model.model_dump()).to(device)
+    ensemble = ABMILEnsemble(bags.dim, len(labels), len(members), task, **abmil_kwargs(config, bags)).to(device)
     for target, state in zip(ensemble.members, members, strict=True):
         target.load_state_dict(state)
     if not config.data.nested:

@@ -97,6 +97,7 @@ def _head_kwargs(head: nn.Module) -> dict:
             "dropout": float(head.encoder[2].p),
             "dropout_before_activation": bool(head.dropout_before_activation),
             "per_label_attention": head.attention_branches > 1,
+            **({"windows": head.windows, "label_windows": head.label_windows} if head.label_windows else {}),
         }
     if isinstance(head, LinearHead):
         return {}

@@ -15,7 +15,7 @@ import torch
 from ..bundle import Bundle, load_bundle
 from ..errors import CLEARInputError
 from ..io import CTVolume, read_ct
-from ..models.abmil import attention_columns, attention_of_labels, head_probabilities
+from ..models.abmil import attention_columns, attention_of_labels, head_probabilities, reads_windows
 from ..preprocess import SliceInstances
 from ..progress import ProgressCallback, report
 from .backends import SliceEncoderRunner
@@ -138,9 +138,11 @@ class CasePredictor:
         if self.bundle.head is None:
             raise CLEARInputError("this bundle has no head (an encoder only); it gives features, not predictions")
         timer = timer or StageTimer(self.device)
+        head = self.bundle.head
         with timer("mil"), torch.inference_mode():
             features = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
-            probs, attention = head_probabilities(self.bundle.head, features, self.bundle.manifest.task)
+            windows = head.window_index(np.asarray(table["window"])).to(self.device) if reads_windows(head) else None
+            probs, attention = head_probabilities(head, features, self.bundle.manifest.task, window_index=windows)
         return probs.float().cpu().numpy(), attention.float().cpu().numpy()
 
     def predict(
