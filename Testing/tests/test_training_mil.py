@@ -194,16 +194,21 @@ def test_nested_cross_validation_for_small_cohorts(tmp_path):
     assert sorted(tested.case_id) == sorted(pd.read_csv(tmp_path / "clinical.csv").case_id)  # each case once
 
 
-def test_mil_exports_an_ensemble_bundle_the_engine_runs(tmp_path, tiny_case_bundle, phantom):
-    # Real features of a small real cohort, through the tiny bundle.
+def _real_features(root, bundle, labels_of) -> None:
+    """Real features of 12 small phantom CTs through `bundle` in root/features, their table (labels_of(i) gives
+    case i's label columns) in root/clinical.csv."""
     rows, clinical = [], []
     for i in range(12):
         volume, _ = make_phantom((6, 32, 32), (6.0, 6.0, 10.0), seed=i, noise_hu=5.0 + i)
-        rows.append({"case_id": f"c{i}", "path": str(write_volume(volume, tmp_path / f"c{i}.nrrd"))})
-        clinical.append({"case_id": f"c{i}", "patient_id": f"p{i}", "stage": "high" if i % 2 else "low"})
-    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
-    pd.DataFrame(clinical).to_csv(tmp_path / "clinical.csv", index=False)
-    extract(tiny_case_bundle, tmp_path / "cohort.csv", tmp_path / "features", device="cpu", rank=0, world_size=1)
+        rows.append({"case_id": f"c{i}", "path": str(write_volume(volume, root / f"c{i}.nrrd"))})
+        clinical.append({"case_id": f"c{i}", "patient_id": f"p{i}", **labels_of(i)})
+    pd.DataFrame(rows).to_csv(root / "cohort.csv", index=False)
+    pd.DataFrame(clinical).to_csv(root / "clinical.csv", index=False)
+    extract(bundle, root / "cohort.csv", root / "features", device="cpu", rank=0, world_size=1)
+
+
+def test_mil_exports_an_ensemble_bundle_the_engine_runs(tmp_path, tiny_case_bundle, phantom):
+    _real_features(tmp_path, tiny_case_bundle, lambda i: {"stage": "high" if i % 2 else "low"})
     cfg = {
         "run": {"name": "stage", "out_dir": str(tmp_path / "out"), "device": "cpu"},
         "data": {
@@ -233,14 +238,7 @@ def test_mil_exports_an_ensemble_bundle_the_engine_runs(tmp_path, tiny_case_bund
 
 
 def test_label_windows_reach_the_exported_bundle_and_the_engine_honours_them(tmp_path, tiny_case_bundle, phantom):
-    rows, clinical = [], []
-    for i in range(12):
-        volume, _ = make_phantom((6, 32, 32), (6.0, 6.0, 10.0), seed=i, noise_hu=5.0 + i)
-        rows.append({"case_id": f"c{i}", "path": str(write_volume(volume, tmp_path / f"c{i}.nrrd"))})
-        clinical.append({"case_id": f"c{i}", "patient_id": f"p{i}", "liver": i % 2, "lung": (i // 2) % 2})
-    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
-    pd.DataFrame(clinical).to_csv(tmp_path / "clinical.csv", index=False)
-    extract(tiny_case_bundle, tmp_path / "cohort.csv", tmp_path / "features", device="cpu", rank=0, world_size=1)
+    _real_features(tmp_path, tiny_case_bundle, lambda i: {"liver": i % 2, "lung": (i // 2) % 2})
     cfg = {
         "run": {"name": "organs", "out_dir": str(tmp_path / "out"), "device": "cpu"},
         "data": {
