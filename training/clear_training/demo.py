@@ -649,7 +649,8 @@ of the same MambaOut before any training (LeCL's initial weights).</p>
 <p>{len(heldout)} held-out CTs; AUROC 95% intervals by bootstrap over CTs (1,000 draws).</p>
 {_img("reliability.png")}
 <h2>Where the model looked</h2>
-<p>The model has one attention per label. Under the attention of the labels a CT is positive for, the most
+<p>The model has one attention per label, each reading its own window (liver the abdomen window, lung the lung
+window). Under the attention of the labels a CT is positive for, the most
 attended slice lies within one slice of a true lesion slice in <b>{sum(hits)} of {len(hits)}</b> held-out CTs
 with a lesion ({_fmt(hit_rate)}). For each: that attention per window against slice position, dotted lines at
 the slices that cut a lesion{render_note if render else ""}.</p>
