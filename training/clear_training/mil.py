@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,12 @@ class Bags:
         frequency = self.y.mean(0)
         return np.array([int(np.argmin(np.where(r > 0, frequency, np.inf))) if r.any() else -1 for r in self.y])
 
+    @cached_property
+    def window_index(self) -> list[torch.Tensor]:
+        """Each case's instances' windows as indices into `windows`, made once rather than at every batch."""
+        position = {w: k for k, w in enumerate(self.windows)}
+        return [torch.as_tensor([position[str(w)] for w in m["window"]], dtype=torch.long) for m in self.meta]
+
     def batch(self, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padded features [B, N_max, D] float32, mask [B, N_max], targets, and each instance's window as an
         index into `windows` [B, N_max]."""
@@ -121,11 +128,10 @@ class Bags:
         x = torch.zeros(len(index), max(lengths), self.dim)
         mask = torch.zeros(len(index), max(lengths), dtype=torch.bool)
         windows = torch.zeros(len(index), max(lengths), dtype=torch.long)
-        position = {w: k for k, w in enumerate(self.windows)}
         for row, i in enumerate(index):
             x[row, : lengths[row]] = self.features[i].float()
             mask[row, : lengths[row]] = True
-            windows[row, : lengths[row]] = torch.as_tensor([position[str(w)] for w in self.meta[i]["window"]])
+            windows[row, : lengths[row]] = self.window_index[i]
         y = torch.as_tensor(self.y[index])
         return x.to(device), mask.to(device), y.to(device), windows.to(device)
 
