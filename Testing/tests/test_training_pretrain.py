@@ -496,3 +496,49 @@ def test_key_slice_fraction_fills_every_batch_with_key_slices(tmp_path, deeplesi
         Trainer(load_config(_config(tmp_path, root / "store", "few", data__key_slice_fraction=0.01)))
     history = trainer.fit()
     assert all(r["key_slices"] == 8 for r in history)
+
+
+def test_lesion_windows_show_key_slices_in_the_window_their_lesion_is_read_in(tmp_path):
+    """data.lesion_windows: key slices of a mapped lesion type always get their window; a slice with lesions read
+    in both windows gets either (fixed by the seed); unmapped key slices and other slices still draw at random,
+    and without the setting every slice draws exactly as before."""
+    volume, _ = make_phantom((20, 40, 40), (5.0, 5.0, 8.0), seed=0)  # one batch of 16 fits
+    write_volume(volume, tmp_path / "case0.nii.gz")
+    pd.DataFrame({"path": ["case0.nii.gz"]}).to_csv(tmp_path / "cohort.csv", index=False)
+    box = {"case_id": "case0", "x1": 5, "y1": 6, "x2": 15, "y2": 18}
+    types = {2: ["lung"], 4: ["liver"], 6: ["bone"], 8: ["lung", "liver"]}
+    rows = [{**box, "key_slice_index": k, "lesion_type": t} for k, names in types.items() for t in names]
+    pd.DataFrame(rows).to_csv(tmp_path / "keys.csv", index=False)
+    prepare_ct(tmp_path / "cohort.csv", tmp_path / "store", tmp_path / "keys.csv", size=40)
+    store = tmp_path / "store"
+    abdomen, lung = 0, 1  # the default windows, in this order
+    read_in = {"lung": "lung", "liver": "abdomen"}
+    batcher = Trainer(load_config(_config(tmp_path, store, "win", data__lesion_windows=read_in))).batcher
+    plain = Trainer(load_config(_config(tmp_path, store, "plain"))).batcher
+    batch = np.arange(12)  # the store's rows: the case's slices in order
+    seen = {k: set() for k in range(12)}
+    for seed in range(40):
+        window = batcher.windows_for(batch, torch.Generator().manual_seed(seed), seed)
+        drawn = plain.windows_for(batch, torch.Generator().manual_seed(seed), seed)
+        assert torch.equal(drawn, torch.randint(2, (12,), generator=torch.Generator().manual_seed(seed)))
+        assert window[2] == lung and window[4] == abdomen
+        others = [k for k in range(12) if k not in (2, 4, 8)]
+        assert torch.equal(window[others], drawn[others])  # the bone key slice and plain slices: as drawn
+        assert torch.equal(window, batcher.windows_for(batch, torch.Generator().manual_seed(seed), seed))
+        for k in range(12):
+            seen[k].add(int(window[k]))
+    assert seen[2] == {lung} and seen[4] == {abdomen}
+    assert seen[8] == seen[6] == seen[0] == {abdomen, lung}
+    # A short run with it.
+    history = Trainer(
+        load_config(_config(tmp_path, store, "fit", data__lesion_windows=read_in, run__max_steps=2))
+    ).fit()
+    assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
+    # Errors name the setting: an unknown lesion type, a window the run does not use, MoCo (no key slices).
+    for name, overrides, message in [
+        ("badtype", {"data__lesion_windows": {"tumour": "lung"}}, "tumour"),
+        ("badwindow", {"data__lesion_windows": {"lung": "bone"}, "data__windows": ["abdomen", "lung"]}, "bone"),
+        ("moco", {"data__lesion_windows": read_in, "method__name": "moco", "method__lam": 0.0}, "lecl only"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(_config(tmp_path, store, name, **overrides))

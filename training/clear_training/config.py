@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from CLEARLib.errors import CLEARInputError
+from CLEARLib.io.deeplesion import lesion_type_code
 from CLEARLib.models import list_encoders
 from CLEARLib.preprocess import resolve_windows
 
@@ -82,11 +83,32 @@ class DataConfig(StrictModel):
         "box centre (their code: [145, 512)); default: lesion_context times the box's longer side",
     )
 
+    lesion_windows: dict[str, str] | None = Field(
+        None,
+        description="LeCL: key slices whose lesions are of these types (DeepLesion names or codes) are shown in the "
+        "window each type is read in, e.g. {liver: abdomen, lung: lung}; every other slice gets one of `windows` at "
+        "random, as by default",
+    )
+
     @field_validator("windows")
     @classmethod
     def _windows(cls, value):
         resolve_windows(value)
         return value
+
+    @model_validator(mode="after")
+    def _lesion_windows(self):
+        names = [window.name for window in resolve_windows(self.windows)]
+        for lesion_type, window in (self.lesion_windows or {}).items():
+            lesion_type_code(lesion_type)  # ValueError says which types exist
+            if window not in names:
+                raise ValueError(f"lesion_windows: {lesion_type!r} -> {window!r}, which is not one of windows {names}")
+        return self
+
+    def lesion_window_index(self) -> dict[int, int]:
+        """data.lesion_windows as DeepLesion type code -> index into `windows`."""
+        names = [window.name for window in resolve_windows(self.windows)]
+        return {lesion_type_code(t): names.index(w) for t, w in (self.lesion_windows or {}).items()}
 
 
 class ModelConfig(StrictModel):
@@ -142,6 +164,8 @@ class PretrainConfig(StrictModel):
             raise ValueError("run.warmup_epochs must be smaller than run.epochs")
         if self.method.name == "moco" and self.method.lam:
             raise ValueError("method.lam applies to lecl only")
+        if self.method.name == "moco" and self.data.lesion_windows:
+            raise ValueError("data.lesion_windows applies to lecl only (MoCo has no key slices)")
         return self
 
 

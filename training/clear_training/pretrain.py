@@ -49,13 +49,15 @@ class Batcher:
         else:
             self.views = (view, view)
         self.view = view
+        # data.lesion_windows: lesion type code -> the window index its key slices are shown in
+        self.read_in = config.data.lesion_window_index() if self.lecl else {}
 
     def __call__(self, rows: np.ndarray, seed: int):
         generator = torch.Generator(device=self.device).manual_seed(seed)
         cpu_generator = torch.Generator().manual_seed(seed)
         hu = SlicePyramid(self.store.slices(rows).to(self.device, non_blocking=True))
         n = len(rows)
-        window = torch.randint(len(self.windows), (n,), generator=generator, device=self.device)
+        window = self.windows_for(rows, generator, seed)
         bounds = self.bounds[window]  # one window per slice, shared by its views
         is_key = (
             torch.from_numpy(self.store.is_key[rows]).to(self.device)
@@ -80,6 +82,20 @@ class Batcher:
             y1, y2 = x1.clone(), x2.clone()
             y1[is_key], y2[is_key] = crops
         return x1, x2, y1, y2, is_key
+
+    def windows_for(self, rows: np.ndarray, generator: torch.Generator, seed: int) -> torch.Tensor:
+        """The window index each slice of the batch is shown in: drawn at random, except that key slices go to
+        the window their lesions are read in (data.lesion_windows); a liver lesion in the lung window is barely
+        visible, and a crop centred on it teaches nothing. A slice whose lesions are read in different windows
+        gets one of them, drawn from (seed, row)."""
+        rows = np.asarray(rows)
+        window = torch.randint(len(self.windows), (len(rows),), generator=generator, device=self.device)
+        for i in np.flatnonzero(self.store.is_key[rows]) if self.read_in else ():
+            choices = sorted({self.read_in[t] for t in self.store.lesion_types(int(rows[i])) if t in self.read_in})
+            if choices:
+                pick = np.random.default_rng([seed, int(rows[i])]).integers(len(choices)) if len(choices) > 1 else 0
+                window[i] = choices[pick]
+        return window
 
 
 class Trainer(DistributedTrainer):

@@ -150,6 +150,9 @@ class SliceStore:
             np.array([[float(v) for v in b.split()] for b in text.split("|")], dtype=np.float32) if text else None
             for text in self.index.boxes
         ]
+        self._lesion_types = [
+            tuple(int(code) for code in str(text).split("|")) if str(text) else () for text in self.index.lesion_types
+        ]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -165,6 +168,10 @@ class SliceStore:
             order = np.argsort(local)  # sorted reads from the memory map
             out[where[order]] = self._shards[shard][local[order]]
         return torch.from_numpy(out)
+
+    def lesion_types(self, row: int) -> tuple[int, ...]:
+        """DeepLesion type codes of a slice's lesions, one per box (-1: unlabelled); () for other slices."""
+        return self._lesion_types[row]
 
     def lesion_box(self, rows: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """One lesion box (x1, y1, x2, y2, store pixels) per row, drawn at random among a key slice's
