@@ -152,6 +152,11 @@ class _Organ:
             return np.zeros(X.shape, dtype=bool)
         return _ellipse(X, Y, self.cx, self.cy, self.ax * p - margin, self.ay * p - margin)
 
+    def covers(self, point, grow: float = 0.0) -> bool:
+        """Whether the organ's cross-section at the point's height, grown by `grow` mm, contains the point."""
+        p = _profile(point[2], self.bottom, self.top)
+        return bool(p > 0 and _ellipse(point[0], point[1], self.cx, self.cy, self.ax * p + grow, self.ay * p + grow))
+
     def sample_inside(self, rng, margin: float, z_range=(-np.inf, np.inf)) -> np.ndarray:
         """A uniformly drawn point at least `margin` mm inside the organ and inside z_range (rejection sampling)."""
         bottom, top = max(self.bottom, z_range[0]), min(self.top, z_range[1])
@@ -280,6 +285,9 @@ def make_ct_like_case(
         centre = (aorta[0] + aorta[2] * np.cos(angle), aorta[1] + aorta[2] * np.sin(angle), rng.uniform(z_lo, z_hi))
         spheres.append((np.array(centre), rng.uniform(1.5, 2.5), rng.uniform(500, 900)))
     lesions_anat = []
+    # A slice is painted lungs, heart, liver, spleen, kidneys in that order: a lesion whose centre lies under a later
+    # organ is painted into that organ instead of its own (a "nodule" inside the heart, where it has the heart's HU).
+    painted_over = {"lung": [heart, liver, spleen, *kidneys], "liver": [spleen, *kidneys]}
     for organ in lesion_organs:
         for _ in range(int(rng.choice(LESIONS_PER_ORGAN, p=[0.4, 0.35, 0.25]))):
             if organ == "liver":
@@ -291,9 +299,11 @@ def make_ct_like_case(
                 hu_value, shape, margin = rng.uniform(-60, 50), lungs[int(rng.integers(2))], r + 2
             else:
                 raise ValueError(f"no lesions in {organ!r}; use 'liver' or 'lung'")
-            for _ in range(50):  # lesions do not overlap: each one's truth (centre, size, HU) stays visible
+            for _ in range(200):  # lesions do not overlap: each one's truth (centre, size, HU) stays visible
                 centre = shape.sample_inside(rng, margin, (z_lo + r, z_hi - r))
-                if all(np.linalg.norm(centre - c) > r + other + 2 for _, c, other, _ in lesions_anat):
+                # and at least about 80% of its central cross-section lies in its own organ
+                hidden = any(other.covers(centre, r / 2) for other in painted_over[organ])
+                if not hidden and all(np.linalg.norm(centre - c) > r + d + 2 for _, c, d, _ in lesions_anat):
                     break
             else:
                 continue  # no room left in the organ: one lesion fewer

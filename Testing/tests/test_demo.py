@@ -40,6 +40,21 @@ def test_ct_like_cases_vary_and_put_lesions_inside_their_organ():
         make_ct_like_case(0, ("brain",))
 
 
+def test_nodules_are_not_hidden_under_the_organs_painted_over_the_lungs():
+    """A nodule drawn inside the lung's ellipse but under the heart or the liver took their HU and could not be
+    seen (about one CT in five of the demo cohort had such a lesion): every nodule's surroundings on its central
+    slice are now mostly aerated lung (before the fix, down to 3% over these seeds)."""
+    for seed in range(30):
+        volume, lesions = make_ct_like_case(seed, ("lung",))
+        px = volume.spacing[0]
+        for nodule in lesions:
+            k, j, i = volume.lps_to_index(nodule.center_lps)
+            rows, cols = np.mgrid[: volume.shape[1], : volume.shape[2]]
+            distance = np.hypot(rows - j, cols - i) * px
+            ring = volume.hu[int(round(k))][(distance > nodule.radius_mm + 3) & (distance < nodule.radius_mm + 8)]
+            assert (ring < -400).mean() > 0.5, (seed, nodule)
+
+
 def test_cohort_made_in_worker_processes_is_the_seeds_cohort(tmp_path):
     """The CTs come from a process pool; each file and table row is still its own seed's CT, in order."""
     cohort = _write_cohort(tmp_path, DemoSize(cases=3, heldout=2))
