@@ -210,8 +210,9 @@ def make_ct_like_case(
     scan range and table position, noise level; always lung vessels, liver vessels and, in some cases,
     calcified granulomas in liver or lung and aortic wall calcifications (distractors). For each organ
     in `lesion_organs` ("liver", "lung") 1-3 lesions (LESIONS_PER_ORGAN) of drawn size, contrast and position inside
-    that organ. The whole field is blurred by the in-plane and slice-thickness point spread (partial
-    volume) and given spatially correlated noise. The in-plane matrix is small (default 96, about 4 mm
+    that organ, centred at least half their radius clear of the organs painted over it. The whole field is
+    blurred by the in-plane and slice-thickness point spread (partial volume) and given spatially correlated
+    noise. The in-plane matrix is small (default 96, about 4 mm
     pixels) so that a cohort fits a laptop; slice spacing is a real scan's.
     """
     import SimpleITK as sitk
