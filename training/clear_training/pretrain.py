@@ -93,8 +93,7 @@ class Batcher:
         for i in np.flatnonzero(self.store.is_key[rows]) if self.read_in else ():
             choices = sorted({self.read_in[t] for t in self.store.lesion_types(int(rows[i])) if t in self.read_in})
             if choices:
-                pick = np.random.default_rng([seed, int(rows[i])]).integers(len(choices)) if len(choices) > 1 else 0
-                window[i] = choices[pick]
+                window[i] = choices[np.random.default_rng([seed, int(rows[i])]).integers(len(choices))]
         return window
 
 

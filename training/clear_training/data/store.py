@@ -150,9 +150,6 @@ class SliceStore:
             np.array([[float(v) for v in b.split()] for b in text.split("|")], dtype=np.float32) if text else None
             for text in self.index.boxes
         ]
-        self._lesion_types = [
-            tuple(int(code) for code in str(text).split("|")) if str(text) else () for text in self.index.lesion_types
-        ]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -170,8 +167,10 @@ class SliceStore:
         return torch.from_numpy(out)
 
     def lesion_types(self, row: int) -> tuple[int, ...]:
-        """DeepLesion type codes of a slice's lesions, one per box (-1: unlabelled); () for other slices."""
-        return self._lesion_types[row]
+        """DeepLesion type codes of a slice's lesions, one per box (-1: unlabelled); () for other slices. Read on
+        demand: only key slices ask, and only with data.lesion_windows, so a store does not parse every row."""
+        text = str(self.index.lesion_types.iat[row])
+        return tuple(int(code) for code in text.split("|")) if text else ()
 
     def lesion_box(self, rows: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """One lesion box (x1, y1, x2, y2, store pixels) per row, drawn at random among a key slice's
