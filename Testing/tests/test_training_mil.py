@@ -185,6 +185,41 @@ def test_per_label_attention_puts_each_labels_attention_on_its_own_lesions(tmp_p
     assert len(hits) >= 10 and np.mean(hits) > 0.9, hits
 
 
+def test_repeated_cross_validation_redraws_the_folds_around_one_test_set_and_ensembles_every_fold_model(tmp_path):
+    _synthetic_cohort(tmp_path, n_cases=60, seed=2)
+    once = _mil_config(tmp_path)
+    once.train.epochs, once.evaluation.bootstrap, once.evaluation.attention_plots = 5, 0, 0
+    once.run.out_dir = tmp_path / "once"
+    once.export.encoder_bundle = None
+    first = run_mil(once)
+    repeated = once.model_copy(deep=True)
+    repeated.run.out_dir, repeated.data.repeats = tmp_path / "repeated", 3
+    metrics = run_mil(repeated)
+    splits = pd.read_csv(tmp_path / "repeated" / "splits.csv")
+    draws = [splits[c] for c in ("split", "split_1", "split_2")]
+    # One test set; each draw splits the other patients into the 3 folds, patient by patient, and the draws differ.
+    assert all((draw == "test").equals(draws[0] == "test") for draw in draws)
+    for column in ("split", "split_1", "split_2"):
+        assert set(splits[column]) == {"test", "fold0", "fold1", "fold2"}
+        assert (splits.groupby("patient_id")[column].nunique() == 1).all()
+    assert not draws[0].equals(draws[1]) and not draws[1].equals(draws[2])
+    # The first draw is the unrepeated study's, fold models and all; the ensemble holds all nine.
+    assert draws[0].equals(pd.read_csv(tmp_path / "once" / "splits.csv").split)
+    names = [f["fold"] for f in metrics["folds"]]
+    assert names == ["fold0", "fold1", "fold2"] + [f"repeat{r}-fold{k}" for r in (1, 2) for k in range(3)]
+    for a, b in zip(first["folds"], metrics["folds"][:3], strict=True):
+        assert a["best_val_loss"] == b["best_val_loss"]
+    assert metrics["folds"][3]["best_val_loss"] != metrics["folds"][0]["best_val_loss"]
+    assert "drawn 3 times" in metrics["protocol"]["design"] and metrics["across_folds"]["liver"]["n"] == 9
+    predictions = pd.read_csv(tmp_path / "repeated" / "predictions.csv")
+    tested = predictions[predictions.model.str.endswith("-test")]
+    test = tested.pivot(index="case_id", columns="model", values="p_liver")
+    members = test[[f"{name}-test" for name in names]].to_numpy()
+    np.testing.assert_allclose(test["ensemble-test"].to_numpy(), members.mean(axis=1), atol=1e-5)
+    with pytest.raises(ConfigError, match="repeats"):
+        _mil_config(tmp_path, nested=True, repeats=2)
+
+
 def test_nested_cross_validation_for_small_cohorts(tmp_path):
     _synthetic_cohort(tmp_path, n_cases=40, seed=1)
     metrics = run_mil(_mil_config(tmp_path, nested=True, folds=4))

@@ -220,6 +220,12 @@ class MilData(StrictModel):
     )
     folds: int = Field(5, ge=2)
     nested: bool = Field(False, description="small cohorts: outer folds are the test sets, no separate test set")
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="repeated cross-validation: the validation folds are drawn this many times around the same test "
+        "set, and every repeat's fold models join the exported ensemble",
+    )
 
     @model_validator(mode="after")
     def _task(self):
@@ -229,6 +235,8 @@ class MilData(StrictModel):
             raise ValueError("binary needs exactly one label column")
         if self.nested and self.test_split is not None:
             raise ValueError("nested cross-validation draws its own test sets; it cannot use a fixed test_split")
+        if self.nested and self.repeats > 1:
+            raise ValueError("repeats redraws the validation folds around one test set, which nested runs have not")
         return self
 
 

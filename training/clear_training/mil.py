@@ -197,6 +197,8 @@ def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
 
     With `data.test_split` the test set is exactly that file's test patients (DeepLesion: the patients
     held out of pretraining, as the paper evaluates), and the folds are drawn from the other cases.
+    With `data.repeats` > 1 the folds are drawn again for each further repeat r, around the same test set,
+    into column `split_r` (`split` holds the first draw).
     """
     split = np.full(len(bags), "", dtype=object)
     strata, groups = bags.strata(), bags.patients
@@ -220,13 +222,26 @@ def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
             train_idx, test_idx = next(outer.split(np.zeros(len(bags)), strata, groups))
             split[test_idx] = "test"
         rest = np.flatnonzero(split != "test")
-        inner = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed + 1)
-        for k, (_, val) in enumerate(inner.split(np.zeros(len(rest)), strata[rest], groups[rest])):
-            split[rest[val]] = f"fold{k}"
+        draws = []
+        for repeat in range(data.repeats):
+            drawn = split.copy()
+            inner = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed + 1 + repeat)
+            for k, (_, val) in enumerate(inner.split(np.zeros(len(rest)), strata[rest], groups[rest])):
+                drawn[rest[val]] = f"fold{k}"
+            draws.append(drawn)
+        split = draws[0]
     if data.pretrain_store is not None:
         tested = (split == "test") | np.char.startswith(split.astype(str), "outer")
         _check_test_not_pretrained(set(groups[tested]), data.pretrain_store)
-    return pd.DataFrame({"case_id": bags.case_ids, "patient_id": bags.patients, "split": split})
+    frame = pd.DataFrame({"case_id": bags.case_ids, "patient_id": bags.patients, "split": split})
+    for repeat in range(1, data.repeats):
+        frame[f"split_{repeat}"] = draws[repeat]
+    return frame
+
+
+def split_columns(splits: pd.DataFrame) -> list[str]:
+    """The columns of `make_splits`'s frame that hold a draw of the folds, the first draw first."""
+    return ["split"] + sorted((c for c in splits.columns if c.startswith("split_")), key=lambda c: int(c[6:]))
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -430,6 +445,14 @@ def _bundle_name(config: MilConfig) -> str:
     return f"{config.export.name or config.run.name}.zip"
 
 
+def _design(data: MilData) -> str:
+    if data.nested:
+        return f"nested cross-validation, {data.folds} outer folds"
+    test = f"test fraction {data.test_fraction}" if data.test_split is None else f"fixed test split {data.test_split}"
+    drawn = f" drawn {data.repeats} times" if data.repeats > 1 else ""
+    return f"{test} then {data.folds} validation folds{drawn}, ensemble of the fold models"
+
+
 def _protocol(bags: Bags, splits: pd.DataFrame, config: MilConfig) -> dict:
     """How the study was made: cases, patients and classes, the splits and the training settings."""
     strata = pd.Series(bags.strata()).groupby(bags.patients).first()
@@ -440,11 +463,7 @@ def _protocol(bags: Bags, splits: pd.DataFrame, config: MilConfig) -> dict:
         "n_patients": len(strata),
         "patients_per_stratum": {names.get(int(k), str(k)): int(v) for k, v in strata.value_counts().items()},
         "split_sizes": {str(k): int(v) for k, v in splits.split.value_counts().sort_index().items()},
-        "design": f"nested cross-validation, {data.folds} outer folds"
-        if data.nested
-        else ("fixed test split " + str(data.test_split))
-        if data.test_split is not None
-        else f"test fraction {data.test_fraction} then {data.folds} validation folds, ensemble of the fold models",
+        "design": _design(data),
         "grouped_by": data.patient_column,
         "model": config.model.model_dump(),
         "train": config.train.model_dump(),
@@ -457,10 +476,14 @@ def _run_mil(config: MilConfig, bags: Bags, device, out: Path, encoder_bundle, p
     write_csv(out / "splits.csv", splits)
     labels, task = bags.labels, bags.task
     fold_names = sorted({s for s in splits.split if s.startswith(("fold", "outer"))})
+    # (repeat, column, fold): a repeat's fold models are named repeat<r>-fold<k> from the second repeat on
+    runs = [(r, column, name) for r, column in enumerate(split_columns(splits)) for name in fold_names]
     members, fold_reports, predictions = [], [], []
     evaluation_index, evaluation_prob, evaluation_attention = [], [], []
-    for k, name in enumerate(fold_names):
-        held = np.flatnonzero(splits.split == name)
+    for i, (repeat, column, fold) in enumerate(runs):
+        k = int(fold.removeprefix("fold").removeprefix("outer"))
+        name = fold if repeat == 0 else f"repeat{repeat}-{fold}"
+        held = np.flatnonzero(splits[column] == fold)
         if config.data.nested:
             # Outer fold = test; one inner fold of the rest validates early stopping.
             rest = np.flatnonzero(splits.split != name)
@@ -469,10 +492,10 @@ def _run_mil(config: MilConfig, bags: Bags, device, out: Path, encoder_bundle, p
             train_idx, val_idx, test_idx = rest[tr], rest[va], held
         else:
             val_idx = held
-            train_idx = np.flatnonzero((splits.split != name) & (splits.split != "test"))
-            test_idx = np.flatnonzero(splits.split == "test")
-        fold_progress = scaled(progress, k / len(fold_names), (k + 1) / len(fold_names), f"{name}: ")
-        seed = config.run.seed + 100 * k
+            train_idx = np.flatnonzero((splits[column] != fold) & (splits[column] != "test"))
+            test_idx = np.flatnonzero(splits[column] == "test")
+        fold_progress = scaled(progress, i / len(runs), (i + 1) / len(runs), f"{name}: ")
+        seed = config.run.seed + 100 * k + 1000 * repeat
         model, fold_report = train_fold(bags, train_idx, val_idx, config, seed, device, fold_progress)
         val_prob, _, _ = _predict(model, bags, val_idx, device, config.train.batch_size)
         fold_report["validation"] = per_label_metrics(_targets(bags, val_idx), val_prob, task, labels)
@@ -509,7 +532,7 @@ def _run_mil(config: MilConfig, bags: Bags, device, out: Path, encoder_bundle, p
         _write_attention(bags, index, prob, evaluation_attention, config, out)
     metrics["across_folds"] = _across_folds(fold_reports, labels, "test")
     write_csv(out / "predictions.csv", pd.concat(predictions, ignore_index=True))
-    report(progress, 1.0, f"{len(fold_names)} folds trained")
+    report(progress, 1.0, f"{len(runs)} fold models trained")
     if encoder_bundle is not None:
         export_ensemble(ensemble.cpu(), bags, config, metrics, encoder_bundle, out / _bundle_name(config))
     return metrics
@@ -571,7 +594,7 @@ def export_ensemble(ensemble: ABMILEnsemble, bags: Bags, config: MilConfig, metr
         task=bags.task,
         windows=windows,
         input_spec=encoder_bundle.input_spec,
-        description=f"ABMIL ensemble of {len(ensemble.members)} folds on {encoder_bundle.manifest.name}",
+        description=f"ABMIL ensemble of {len(ensemble.members)} fold models on {encoder_bundle.manifest.name}",
         metrics=jsonable(summary),
         provenance={"mil_config": json.loads(config.model_dump_json()), "n_cases": len(bags)},
     )
