@@ -198,9 +198,10 @@ def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
     With `data.test_split` the test set is exactly that file's test patients (DeepLesion: the patients
     held out of pretraining, as the paper evaluates), and the folds are drawn from the other cases.
     With `data.repeats` > 1 the folds are drawn again for each further repeat r, around the same test set,
-    into column `split_r` (`split` holds the first draw).
+    into column `draw_column(r)` (`split` holds the first draw).
     """
     split = np.full(len(bags), "", dtype=object)
+    draws = [split]
     strata, groups = bags.strata(), bags.patients
     if data.nested:
         folds = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed)
@@ -222,26 +223,24 @@ def make_splits(bags: Bags, data: MilData, seed: int) -> pd.DataFrame:
             train_idx, test_idx = next(outer.split(np.zeros(len(bags)), strata, groups))
             split[test_idx] = "test"
         rest = np.flatnonzero(split != "test")
-        draws = []
-        for repeat in range(data.repeats):
-            drawn = split.copy()
+        draws = [split.copy() for _ in range(data.repeats)]
+        for repeat, drawn in enumerate(draws):
             inner = StratifiedGroupKFold(n_splits=data.folds, shuffle=True, random_state=seed + 1 + repeat)
             for k, (_, val) in enumerate(inner.split(np.zeros(len(rest)), strata[rest], groups[rest])):
                 drawn[rest[val]] = f"fold{k}"
-            draws.append(drawn)
         split = draws[0]
     if data.pretrain_store is not None:
         tested = (split == "test") | np.char.startswith(split.astype(str), "outer")
         _check_test_not_pretrained(set(groups[tested]), data.pretrain_store)
-    frame = pd.DataFrame({"case_id": bags.case_ids, "patient_id": bags.patients, "split": split})
-    for repeat in range(1, data.repeats):
-        frame[f"split_{repeat}"] = draws[repeat]
+    frame = pd.DataFrame({"case_id": bags.case_ids, "patient_id": bags.patients})
+    for repeat, drawn in enumerate(draws):
+        frame[draw_column(repeat)] = drawn
     return frame
 
 
-def split_columns(splits: pd.DataFrame) -> list[str]:
-    """The columns of `make_splits`'s frame that hold a draw of the folds, the first draw first."""
-    return ["split"] + sorted((c for c in splits.columns if c.startswith("split_")), key=lambda c: int(c[6:]))
+def draw_column(repeat: int) -> str:
+    """The column of `make_splits`'s frame that holds draw `repeat` of the folds."""
+    return "split" if repeat == 0 else f"split_{repeat}"
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -476,12 +475,12 @@ def _run_mil(config: MilConfig, bags: Bags, device, out: Path, encoder_bundle, p
     write_csv(out / "splits.csv", splits)
     labels, task = bags.labels, bags.task
     fold_names = sorted({s for s in splits.split if s.startswith(("fold", "outer"))})
-    # (repeat, column, fold): a repeat's fold models are named repeat<r>-fold<k> from the second repeat on
-    runs = [(r, column, name) for r, column in enumerate(split_columns(splits)) for name in fold_names]
+    # (repeat, k, fold): a repeat's fold models are named repeat<r>-fold<k> from the second repeat on
+    runs = [(r, k, fold) for r in range(config.data.repeats) for k, fold in enumerate(fold_names)]
     members, fold_reports, predictions = [], [], []
     evaluation_index, evaluation_prob, evaluation_attention = [], [], []
-    for i, (repeat, column, fold) in enumerate(runs):
-        k = int(fold.removeprefix("fold").removeprefix("outer"))
+    for i, (repeat, k, fold) in enumerate(runs):
+        column = draw_column(repeat)
         name = fold if repeat == 0 else f"repeat{repeat}-{fold}"
         held = np.flatnonzero(splits[column] == fold)
         if config.data.nested:
