@@ -7,9 +7,19 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from clear_training.demo import HELDOUT_SEED, LABELS, SMALL, DemoSize, _write_cohort, lesion_slices, run_demo
+from clear_training.demo import (
+    HELDOUT_SEED,
+    LABELS,
+    SMALL,
+    DemoSize,
+    _write_cohort,
+    key_slices,
+    lesion_slices,
+    run_demo,
+)
 from CLEARLib.bundle import load_bundle
 from CLEARLib.inference import CasePredictor
 from CLEARLib.io import read_ct
@@ -68,6 +78,35 @@ def test_cohort_made_in_worker_processes_is_the_seeds_cohort(tmp_path):
         volume, lesions = make_ct_like_case(HELDOUT_SEED + j, tuple(k for k, v in case["truth"].items() if v))
         assert case["case"] == f"heldout{j:02d}" and np.array_equal(case["volume"].hu, volume.hu)
         assert np.array_equal(read_ct(case["path"]).hu, volume.hu) and case["lesions"] == lesions
+
+
+def test_key_slices_mark_liver_lesions_on_their_central_slice_and_nodules_also_on_the_slices_either_side(tmp_path):
+    """LeCL's key slices: every training lesion on its central slice, a nodule also on the slices either side,
+    each box centred on the lesion and as wide as its cross-section there, in the table prepare_ct reads."""
+    _write_cohort(tmp_path, DemoSize(cases=4, heldout=0))
+    clinical = pd.read_csv(tmp_path / "clinical.csv")
+    expected = []
+    for i, row in clinical.iterrows():
+        volume, lesions = make_ct_like_case(1000 + i, tuple(label for label in LABELS if row[label]))
+        z = volume.slice_positions_mm
+        for lesion in lesions:
+            rows = pd.DataFrame(key_slices(row.case_id, volume, lesion))
+            centre = volume.lps_to_index(lesion.center_lps)
+            middle = int(round(centre[0]))
+            reach = 1 if lesion.organ == "lung" else 0  # radii >= 15 mm and slices <= 5 mm: the neighbours cut it
+            assert list(rows.key_slice_index) == list(range(middle - reach, middle + reach + 1))
+            assert set(rows.key_slice_index) <= set(lesion_slices(volume, [lesion]))
+            assert (rows.lesion_type == (4 if lesion.organ == "liver" else 5)).all()
+            half_width = (rows.x2 - rows.x1) / 2 * volume.spacing[0]
+            dz = np.abs(z[rows.key_slice_index] - lesion.center_lps[2])
+            np.testing.assert_allclose(half_width, np.sqrt(lesion.radius_mm**2 - dz**2))
+            assert half_width.iloc[reach] == half_width.max()  # widest on the central slice
+            np.testing.assert_allclose((rows.x1 + rows.x2) / 2, centre[2])
+            np.testing.assert_allclose((rows.y1 + rows.y2) / 2, centre[1])
+            expected.append(rows)
+    organs = {rows.lesion_type.iloc[0] for rows in expected}
+    assert organs == {4, 5}  # both kinds of lesion among the four CTs
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "key_slices.csv"), pd.concat(expected, ignore_index=True))
 
 
 def test_demo_end_to_end(tmp_path):
