@@ -90,7 +90,11 @@ def key_slices(case: str, volume, lesion) -> list[dict]:
 
     The MIL reads every slice, and off its central slice a nodule is smaller; marked on its central slice only,
     some nodules barely registered in the encoder's features (a slice probe put heldout21's nodule slices below
-    its other slices, and the seed-2 run missed it and two more). FILLED-IN-BELOW"""
+    its other slices, and the seed-2 run missed it and two more). Measured at seeds 0 / 1 / 2 on the 48 held-out
+    CTs and 96 further ones together: lung AUROC 0.94 / 0.95 / 0.92 -> 0.97 / 0.99 / 0.96, liver 0.98 / 0.98 / 0.97
+    -> 0.96 / 0.97 / 0.99. Liver lesions' neighbours as well took key-slice turns from the nodules (lung 0.95 /
+    0.96 / 0.95, liver 0.96 / 0.97 / 0.98), and every slice within half a radius of a lesion's centre (seven a
+    lesion) gave lung 0.85-0.98 and liver 0.94-0.99."""
     z = volume.slice_positions_mm
     centre = volume.lps_to_index(lesion.center_lps)
     middle = int(round(centre[0]))
