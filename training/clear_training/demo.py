@@ -27,6 +27,7 @@ import yaml
 
 from CLEARLib.files import jsonable, write_atomic, write_json
 from CLEARLib.io import write_volume
+from CLEARLib.io.deeplesion import lesion_type_code
 from CLEARLib.outputs import attention_plot_png, figure_png, stability_plot_png
 from CLEARLib.phantom import LESIONS_PER_ORGAN, LIVER_LESION_RADIUS_MM, LUNG_NODULE_RADIUS_MM, make_ct_like_case
 from CLEARLib.preprocess import resolve_windows
@@ -96,16 +97,14 @@ def key_slices(case: str, volume, lesion) -> list[dict]:
     key-slice turns from the nodules, gave lung 0.95 / 0.96 / 0.95 and liver 0.96 / 0.97 / 0.98 at seeds 0-2;
     every slice within half a radius of a lesion's centre (seven a lesion), lung 0.99 / 0.89 / 0.96 and liver
     0.97 / 0.94 / 0.98."""
-    z = volume.slice_positions_mm
     centre = volume.lps_to_index(lesion.center_lps)
-    middle = int(round(centre[0]))
-    reach = KEY_SLICE_NEIGHBOURS[lesion.organ]
+    middle, reach = int(round(centre[0])), KEY_SLICE_NEIGHBOURS[lesion.organ]
     rows = []
-    for k in range(max(middle - reach, 0), min(middle + reach + 1, len(z))):
-        dz = abs(z[k] - lesion.center_lps[2])
-        if k != middle and dz >= lesion.radius_mm:
+    for k in lesion_slices(volume, [lesion]):
+        if abs(k - middle) > reach:
             continue
-        r = np.sqrt(max(lesion.radius_mm**2 - dz**2, 0.0)) / volume.spacing[0]  # in-plane pixels
+        dz = volume.slice_positions_mm[k] - lesion.center_lps[2]
+        r = np.sqrt(lesion.radius_mm**2 - dz**2) / volume.spacing[0]  # in-plane pixels
         rows.append(
             {
                 "case_id": case,
@@ -114,7 +113,7 @@ def key_slices(case: str, volume, lesion) -> list[dict]:
                 "y1": centre[1] - r,
                 "x2": centre[2] + r,
                 "y2": centre[1] + r,
-                "lesion_type": 4 if lesion.organ == "liver" else 5,  # DeepLesion's liver and lung types
+                "lesion_type": lesion_type_code(lesion.organ),
             }
         )
     return rows
