@@ -65,9 +65,15 @@ class DemoSize:
 SMALL = DemoSize(cases=48, heldout=8, pretrain_steps=200, mil_epochs=60, mil_repeats=2, lesion_epochs=1, stability=4)
 
 
+def heldout_ct(j: int) -> tuple[tuple[str, ...], int]:
+    """Held-out CT j's findings and seed. The demo's held-out CTs are j = 0 .. DemoSize.heldout - 1; further ones,
+    drawn the same way, score a bundle on more CTs (benchmarks/demo_heldout.py)."""
+    return HELDOUT_PATTERN[j % len(HELDOUT_PATTERN)], HELDOUT_SEED + j
+
+
 def _organs(i: int, size: DemoSize, rng) -> tuple[str, ...]:
     if i >= size.cases:
-        return HELDOUT_PATTERN[(i - size.cases) % len(HELDOUT_PATTERN)]
+        return heldout_ct(i - size.cases)[0]
     return tuple(label for label in LABELS if rng.random() < 0.5)
 
 
@@ -157,7 +163,7 @@ def _write_cohort(data: Path, size: DemoSize) -> dict:
             cases.append((f"case{i:03d}", organs, 1000 + i, data / f"case{i:03d}.nii"))
         else:
             j = i - size.cases
-            cases.append((f"heldout{j:02d}", organs, HELDOUT_SEED + j, data / "heldout" / f"heldout{j:02d}.nii"))
+            cases.append((f"heldout{j:02d}", organs, heldout_ct(j)[1], data / "heldout" / f"heldout{j:02d}.nii"))
     # One process per core: a CT takes about 0.12 s, half of it single-threaded numpy drawing.
     # Spawned, not forked: the parent has torch's thread pools, which a fork does not carry safely.
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -244,7 +250,7 @@ def _score_heldout(bundle: Path, heldout: list[dict]) -> list:
     return [predictor.predict(case["volume"]) for case in heldout]
 
 
-def _heldout_metrics(heldout: list[dict], results: list, seed: int = 0) -> dict:
+def heldout_metrics(heldout: list[dict], results: list, seed: int = 0) -> dict:
     from .metrics import bootstrap_ci, per_label_metrics
 
     y = np.array([[case["truth"][label] for label in LABELS] for case in heldout])
@@ -377,7 +383,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     t = time.perf_counter()
     results = _score_heldout(case_bundle, heldout)
     baseline_results = _score_heldout(baseline_bundle, heldout)
-    scores, baseline_scores = _heldout_metrics(heldout, results), _heldout_metrics(heldout, baseline_results)
+    scores, baseline_scores = heldout_metrics(heldout, results), heldout_metrics(heldout, baseline_results)
     _attention_on_lesions(heldout, results)
     hits = [case["on_lesion"] for case in heldout if case["on_lesion"] is not None]
     timings["heldout"] = time.perf_counter() - t
@@ -726,4 +732,4 @@ learned phantoms: on a real CT their probabilities mean nothing. For answers use
     return write_atomic(figures / "index.html", page)
 
 
-__all__ = ["SMALL", "DemoSize", "key_slices", "lesion_slices", "run_demo"]
+__all__ = ["SMALL", "DemoSize", "heldout_ct", "heldout_metrics", "key_slices", "lesion_slices", "run_demo"]
