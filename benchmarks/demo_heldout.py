@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from clear_training.demo import LABELS, DemoSize, heldout_ct, heldout_metrics
+from clear_training.demo import HELDOUT_PATTERN, LABELS, DemoSize, heldout_ct, heldout_metrics
 from CLEARLib.inference import CasePredictor
 from CLEARLib.phantom import make_ct_like_case
 
@@ -25,14 +25,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=192)
     parser.add_argument("--baseline", action="store_true", help="score the baseline bundles too")
     args = parser.parse_args()
+    if args.first < 0 or args.count < len(HELDOUT_PATTERN):
+        parser.error(f"--first must be >= 0 and --count >= {len(HELDOUT_PATTERN)} (positives and negatives per label)")
     started = time.perf_counter()
+    first, last = args.first, args.first + args.count - 1
     cases = []
-    for j in range(args.first, args.first + args.count):
+    for j in range(first, last + 1):
         organs, seed = heldout_ct(j)
         volume, _ = make_ct_like_case(seed, organs, matrix=DemoSize().matrix)
         cases.append({"volume": volume, "truth": {label: int(label in organs) for label in LABELS}})
     report = {
-        "cts": {"first": args.first, "count": args.count, "seeds": [heldout_ct(args.first)[1], seed]},
+        "cts": {"first": args.first, "count": args.count, "seeds": [heldout_ct(j)[1] for j in (first, last)]},
         "positives": {label: sum(case["truth"][label] for case in cases) for label in LABELS},
         "bundles": {},
     }
