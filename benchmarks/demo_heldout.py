@@ -21,8 +21,13 @@ from CLEARLib.phantom import make_ct_like_case
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("demos", nargs="+", type=Path, help="output folders of `clear-train demo`")
-    parser.add_argument("--first", type=int, default=144, help="first held-out CT (default: past those used so far)")
-    parser.add_argument("--count", type=int, default=192)
+    parser.add_argument(
+        "--first",
+        type=int,
+        default=144,
+        help="first held-out CT (default: the first after the 144 the README's settings were chosen on)",
+    )
+    parser.add_argument("--count", type=int, default=192, help="how many held-out CTs, from --first on")
     parser.add_argument("--baseline", action="store_true", help="score the baseline bundles too")
     args = parser.parse_args()
     if args.first < 0 or args.count < len(HELDOUT_PATTERN):
