@@ -13,8 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from clear_training.demo import HELDOUT_PATTERN, LABELS, DemoSize, heldout_ct, heldout_metrics
-from CLEARLib.inference import CasePredictor
+from clear_training.demo import HELDOUT_PATTERN, LABELS, DemoSize, heldout_ct, heldout_metrics, score_heldout
 from CLEARLib.phantom import make_ct_like_case
 
 
@@ -48,8 +47,7 @@ def main() -> None:
     for demo in args.demos:
         for name in names:
             bundle = demo / "bundles" / f"{name}.zip"
-            predictor = CasePredictor(bundle, device="cpu")
-            scores = heldout_metrics(cases, [predictor.predict(case["volume"]) for case in cases])
+            scores = heldout_metrics(cases, score_heldout(bundle, cases))
             report["bundles"][str(bundle)] = {
                 "auroc": {label: scores["per_label"][label]["auroc"] for label in LABELS},
                 "auroc_ci95": {label: scores["ci95"][label]["auroc"] for label in LABELS},

@@ -243,7 +243,7 @@ def _mil(name: str, out: Path, features: Path, table: Path, encoder_bundle: Path
     return metrics, bundle.replace(out.parent / "bundles" / bundle.name)
 
 
-def _score_heldout(bundle: Path, heldout: list[dict]) -> list:
+def score_heldout(bundle: Path, heldout: list[dict]) -> list:
     from CLEARLib.inference import CasePredictor
 
     predictor = CasePredictor(bundle, device="cpu")
@@ -381,8 +381,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), log=print, quiet: boo
     # 5. The held-out CTs through the exported bundles, as `clear-ct predict` runs them.
     log(f"[5/7] predictions on the {len(heldout)} held-out CTs")
     t = time.perf_counter()
-    results = _score_heldout(case_bundle, heldout)
-    baseline_results = _score_heldout(baseline_bundle, heldout)
+    results = score_heldout(case_bundle, heldout)
+    baseline_results = score_heldout(baseline_bundle, heldout)
     scores, baseline_scores = heldout_metrics(heldout, results), heldout_metrics(heldout, baseline_results)
     _attention_on_lesions(heldout, results)
     hits = [case["on_lesion"] for case in heldout if case["on_lesion"] is not None]
@@ -732,4 +732,13 @@ learned phantoms: on a real CT their probabilities mean nothing. For answers use
     return write_atomic(figures / "index.html", page)
 
 
-__all__ = ["SMALL", "DemoSize", "heldout_ct", "heldout_metrics", "key_slices", "lesion_slices", "run_demo"]
+__all__ = [
+    "SMALL",
+    "DemoSize",
+    "heldout_ct",
+    "heldout_metrics",
+    "key_slices",
+    "lesion_slices",
+    "run_demo",
+    "score_heldout",
+]
