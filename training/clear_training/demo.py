@@ -71,12 +71,6 @@ def heldout_ct(j: int) -> tuple[tuple[str, ...], int]:
     return HELDOUT_PATTERN[j % len(HELDOUT_PATTERN)], HELDOUT_SEED + j
 
 
-def _organs(i: int, size: DemoSize, rng) -> tuple[str, ...]:
-    if i >= size.cases:
-        return heldout_ct(i - size.cases)[0]
-    return tuple(label for label in LABELS if rng.random() < 0.5)
-
-
 def lesion_slices(volume, lesions) -> list[int]:
     """Slices whose plane cuts a lesion."""
     z = volume.slice_positions_mm
@@ -157,13 +151,12 @@ def _write_cohort(data: Path, size: DemoSize) -> dict:
     # Uncompressed NIfTI: the pipeline reads each training CT three or four times (store, two feature
     # extractions, lesion regions), and gzip cost about 35 ms a write and 30 ms a read per CT here.
     cases = []
-    for i in range(size.cases + size.heldout):
-        organs = _organs(i, size, rng)
-        if i < size.cases:
-            cases.append((f"case{i:03d}", organs, 1000 + i, data / f"case{i:03d}.nii"))
-        else:
-            j = i - size.cases
-            cases.append((f"heldout{j:02d}", organs, heldout_ct(j)[1], data / "heldout" / f"heldout{j:02d}.nii"))
+    for i in range(size.cases):
+        organs = tuple(label for label in LABELS if rng.random() < 0.5)
+        cases.append((f"case{i:03d}", organs, 1000 + i, data / f"case{i:03d}.nii"))
+    for j in range(size.heldout):
+        organs, seed = heldout_ct(j)
+        cases.append((f"heldout{j:02d}", organs, seed, data / "heldout" / f"heldout{j:02d}.nii"))
     # One process per core: a CT takes about 0.12 s, half of it single-threaded numpy drawing.
     # Spawned, not forked: the parent has torch's thread pools, which a fork does not carry safely.
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
